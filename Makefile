@@ -1,0 +1,46 @@
+# The README's commands. Each target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+JOBS   ?= $(shell nproc)
+KERNEL_SOURCES := setup.py $(shell find kernels -type f)
+
+.PHONY: install demo test test-slow bench check gpu-check sanitize clean
+
+# torch (a CUDA build where the index serves one, so the CUDA kernels compile and link
+# even without a GPU) and the build tools first: setup.py imports torch.
+$(VENV)/.build-deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch ninja setuptools wheel
+	touch $@
+
+# The package itself, editable, with every extra; ninja rebuilds only changed kernels.
+$(VENV)/.installed: $(VENV)/.build-deps pyproject.toml $(KERNEL_SOURCES)
+	MAX_JOBS=$(JOBS) $(PIP) install -q --no-build-isolation -e ".[test,bench,demo]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m bpext demo
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+check: install
+	$(PY) -m bpext check
+
+bench: install
+	$(PY) -m bpext bench
+
+# For the GPU machine: its own python3 and torch, no venv, no network.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build $(VENV) bpext/_C*.so *.egg-info

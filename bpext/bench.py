@@ -1,0 +1,339 @@
+"""`python -m bpext bench`: bpext against native eager PyTorch and torch.compile, in one process.
+
+Cases: activations (forward, backward, both; GB/s next to a memory copy), single
+dense layers (with their three GEMMs alone as the floor), and MLPs. Each case
+reports median times, ratios native/bpext and compiled/bpext, the bytes saved for
+backward and, on CUDA, peak memory. Writes results.json, results.csv and results.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+import bpext
+
+from . import functional
+from .activations import ACTIVATIONS, resolve
+
+
+@dataclass
+class Row:
+    suite: str  # "activation", "dense" or "mlp"
+    case: str
+    variant: str  # "bpext", "native", "compiled", "gemm-floor", "copy", ...
+    phase: str  # "fwd", "bwd" or "fwd+bwd"
+    median_ms: float
+    gbps: float | None = None  # activations: bytes moved per second
+    tflops: float | None = None  # dense: GEMM FLOP per second
+    saved_bytes: int | None = None
+    peak_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> float:
+    """Median milliseconds of fn() with torch.utils.benchmark (CUDA synchronised by the Timer)."""
+    fn()
+    _sync(device)
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def saved_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes of tensors autograd saves during forward(), each storage once, parameters excluded."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(storages.values())
+
+
+def peak_mb(step: Callable[[], object], device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _compile(fn):
+    return torch.compile(fn, fullgraph=True)
+
+
+class Bench:
+    def __init__(self, device: str, dtype: torch.dtype, quick: bool, compile_native: bool, progress=None):
+        self.device, self.dtype, self.quick, self.compile_native = device, dtype, quick, compile_native
+        self.min_run_time = 0.05 if quick else 0.3
+        self.rows: list[Row] = []
+        self.progress = progress
+
+    def _tick(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(what)
+            self.progress.update(1)
+
+    def t(self, fn) -> float:
+        return time_ms(fn, self.device, self.min_run_time)
+
+    # -- activations -------------------------------------------------------------------
+
+    def activation_names(self) -> tuple[str, ...]:
+        return ("relu", "gelu", "silu") if self.quick else ACTIVATIONS[1:]
+
+    def activations(self) -> None:
+        n = 2**20 if self.quick else (2**26 if self.device.startswith("cuda") else 2**24)
+        x = torch.randn(n, device=self.device, dtype=self.dtype)
+        g = torch.randn_like(x)
+        e = x.element_size()
+        copy_out = torch.empty_like(x)
+        copy_ms = self.t(lambda: copy_out.copy_(x))
+        self.rows.append(Row("activation", f"copy n={n}", "copy", "fwd", copy_ms, gbps=2 * n * e / copy_ms / 1e6))
+        bytes_by_phase = {"fwd": 2 * n * e, "bwd": 3 * n * e, "fwd+bwd": 5 * n * e}
+        for name in self.activation_names():
+            ref = resolve(name).reference
+            variants = {"bpext": lambda t, name=name: functional.activation(t, name), "native": ref}
+            if self.compile_native:
+                variants["compiled"] = _compile(ref)
+            for variant, fn in variants.items():
+                xr = x.clone().requires_grad_(True)
+                y = fn(xr)
+                times = {
+                    "fwd": self.t(lambda: fn(x)),
+                    "bwd": self.t(lambda: torch.autograd.grad(y, xr, g, retain_graph=True)),
+                    "fwd+bwd": self.t(lambda: torch.autograd.grad(fn(xr), xr, g)),
+                }
+                for phase, ms in times.items():
+                    self.rows.append(Row("activation", f"{name} n={n}", variant, phase, ms,
+                                         gbps=bytes_by_phase[phase] / ms / 1e6))
+                del y, xr
+            self._tick(name)
+
+    # -- dense layers ------------------------------------------------------------------
+
+    def dense_shapes(self) -> list[tuple[int, int, int]]:
+        if self.quick:
+            return [(32, 128, 128), (2048, 256, 256)]
+        if self.device.startswith("cuda"):
+            return [(32, 128, 128), (8192, 512, 512), (8192, 4096, 4096)]
+        return [(32, 128, 128), (8192, 512, 512), (2048, 2048, 2048)]
+
+    def dense(self) -> None:
+        for batch, fin, fout in self.dense_shapes():
+            for name in ("relu", "gelu"):
+                self._dense_case(batch, fin, fout, name)
+                self._tick(f"dense {batch}x{fin}x{fout} {name}")
+
+    def _dense_case(self, batch: int, fin: int, fout: int, name: str) -> None:
+        kw = {"device": self.device, "dtype": self.dtype}
+        x = torch.randn(batch, fin, **kw).requires_grad_(True)
+        lin = nn.Linear(fin, fout, **kw)
+        ours = bpext.nn.Dense.from_linear(lin, name)
+        act = resolve(name).reference
+        native = lambda t: act(lin(t))  # noqa: E731
+        g = torch.randn(batch, fout, **kw)
+        flop = 3 * 2 * batch * fin * fout
+        case = f"{batch}x{fin}x{fout} {name}"
+        params = list(lin.parameters())
+        variants = {"bpext": ours, "native": native}
+        if self.compile_native:
+            variants["compiled"] = _compile(native)
+        if self.device.startswith("cuda"):
+            variants["bpext-own-epilogue"] = ours  # timed with cuBLASLt's epilogue switched off
+        for variant, fn in variants.items():
+            own = variant == "bpext-own-epilogue"
+            previous = bpext._ops.set_cublaslt_epilogue(False) if own else None
+            try:
+                step = lambda fn=fn: torch.autograd.grad(fn(x), [x, *params], g)  # noqa: E731
+                ms = self.t(step)
+                self.rows.append(Row("dense", case, variant, "fwd+bwd", ms, tflops=flop / ms / 1e9,
+                                     saved_bytes=saved_bytes(lambda fn=fn: fn(x), params),
+                                     peak_mb=peak_mb(step, self.device)))
+            finally:
+                if own:
+                    bpext._ops.set_cublaslt_epilogue(previous)
+        w = lin.weight.detach()
+        xd = x.detach()
+
+        def gemms():
+            torch.mm(xd, w.t())
+            torch.mm(g, w)
+            torch.mm(g.t(), xd)
+
+        ms = self.t(gemms)
+        self.rows.append(Row("dense", case, "gemm-floor", "fwd+bwd", ms, tflops=flop / ms / 1e9))
+
+    # -- MLPs --------------------------------------------------------------------------
+
+    def mlp_shapes(self) -> list[tuple[str, int, list[int], int, int]]:
+        wide = (1024, [1024, 1024], 1024, 4096 if self.device.startswith("cuda") else 1024)
+        shapes = [("narrow", 32, [64] * 4, 16, 4096)]
+        if not self.quick:
+            shapes.append(("wide", *wide))
+        return shapes
+
+    def mlps(self) -> None:
+        for label, fin, hidden, fout, batch in self.mlp_shapes():
+            for name in ("relu", "gelu"):
+                self._mlp_case(label, fin, hidden, fout, batch, name)
+                self._tick(f"mlp {label} {name}")
+
+    def _mlp_case(self, label, fin, hidden, fout, batch, name) -> None:
+        kw = {"device": self.device, "dtype": self.dtype}
+        widths = [fin, *hidden, fout]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.Linear(a, b, **kw))
+            if i < len(widths) - 2:
+                layers.append(nn.GELU() if name == "gelu" else nn.ReLU())
+        native = nn.Sequential(*layers)
+        dense = bpext.convert(copy.deepcopy(native))
+        x = torch.randn(batch, fin, **kw)
+        case = f"{label} {fin}-{'-'.join(map(str, hidden))}-{fout} b={batch} {name}"
+        variants = {"bpext-dense": dense, "native": native}
+        if self.compile_native:
+            variants["compiled"] = _compile(copy.deepcopy(native))
+        for variant, model in variants.items():
+            params = list(model.parameters())
+            step = lambda m=model, p=params: torch.autograd.grad(m(x).sum(), p)  # noqa: E731
+            ms = self.t(step)
+            self.rows.append(Row("mlp", case, variant, "fwd+bwd", ms,
+                                 saved_bytes=saved_bytes(lambda m=model: m(x), params),
+                                 peak_mb=peak_mb(step, self.device)))
+
+
+def ratios(rows: list[Row]) -> list[dict]:
+    """Per (suite, case, phase): native/bpext and compiled/bpext time ratios, saved-bytes ratio."""
+    out = []
+    keys = sorted({(r.suite, r.case, r.phase) for r in rows}, key=lambda k: [r.suite for r in rows].index(k[0]))
+    for suite, case, phase in keys:
+        group = {r.variant: r for r in rows if (r.suite, r.case, r.phase) == (suite, case, phase)}
+        ours = group.get("bpext") or group.get("bpext-dense")
+        if ours is None:
+            continue
+        entry = {"suite": suite, "case": case, "phase": phase, "bpext_ms": ours.median_ms}
+        for other in ("native", "compiled", "gemm-floor", "bpext-own-epilogue"):
+            if other in group:
+                entry[f"{other}/bpext"] = group[other].median_ms / ours.median_ms
+        if ours.saved_bytes is not None and group.get("native") and group["native"].saved_bytes:
+            entry["saved bpext/native"] = ours.saved_bytes / group["native"].saved_bytes
+        out.append(entry)
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'suite':<10} {'case':<34} {'phase':<7} {'bpext ms':>9} {'native/':>8} {'compiled/':>9} "
+            f"{'floor/':>7} {'GB/s':>7} {'TFLOP/s':>8} {'saved':>6}")
+    lines = [head, "-" * len(head)]
+    by_key = {(r.suite, r.case, r.phase, r.variant): r for r in rows}
+    for e in ratios(rows):
+        ours = by_key.get((e["suite"], e["case"], e["phase"], "bpext")) or \
+            by_key.get((e["suite"], e["case"], e["phase"], "bpext-dense"))
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        lines.append(
+            f"{e['suite']:<10} {e['case']:<34} {e['phase']:<7} {e['bpext_ms']:>9.3f} "
+            f"{fmt(e.get('native/bpext'), '8.2f'):>8} {fmt(e.get('compiled/bpext'), '9.2f'):>9} "
+            f"{fmt(e.get('gemm-floor/bpext'), '7.2f'):>7} {fmt(ours.gbps, '7.1f'):>7} "
+            f"{fmt(ours.tflops, '8.2f'):>8} {fmt(e.get('saved bpext/native'), '6.2f'):>6}")
+    copies = [r for r in rows if r.variant == "copy"]
+    if copies:
+        lines.append(f"memory copy: {copies[0].gbps:.1f} GB/s ({copies[0].case})")
+    return "\n".join(lines)
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "bpext": bpext.__version__, "python": platform.python_version(), "device": device,
+            "date": time.strftime("%Y-%m-%d")}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [e for e in ratios(rows) if e["phase"] == "fwd+bwd"]
+    labels = [f"{e['suite']}: {e['case']}" for e in entries]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.32 * len(entries) + 2), sharey=True)
+    ys = range(len(entries))
+    for offset, key, color in ((-0.2, "native/bpext", "tab:blue"), (0.2, "compiled/bpext", "tab:orange")):
+        ax1.barh([y + offset for y in ys], [e.get(key, 0) for e in entries], height=0.4, label=key, color=color)
+    ax1.axvline(1.0, color="k", lw=0.8)
+    ax1.set_xlabel("speed-up of bpext (time ratio, > 1 is faster), forward+backward")
+    ax1.set_yticks(list(ys), labels, fontsize=7)
+    ax1.invert_yaxis()
+    ax1.legend(loc="lower right")
+    ax2.barh(list(ys), [e.get("saved bpext/native", 0) for e in entries], color="tab:green")
+    ax2.axvline(1.0, color="k", lw=0.8)
+    ax2.set_xlabel("bytes saved for backward, bpext / native (< 1 is leaner)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(device: str, dtype: torch.dtype, quick: bool, out_dir: str, suites: list[str], compile_native: bool) -> int:
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    bench = Bench(device, dtype, quick, compile_native)
+    total = (len(bench.activation_names()) * ("activation" in suites)
+             + 2 * len(bench.dense_shapes()) * ("dense" in suites) + 2 * len(bench.mlp_shapes()) * ("mlp" in suites))
+    with tqdm(total=total, desc=f"bench {device} {str(dtype).removeprefix('torch.')}", unit="case") as bar:
+        bench.progress = bar
+        if "activation" in suites:
+            bench.activations()
+        if "dense" in suites:
+            bench.dense()
+        if "mlp" in suites:
+            bench.mlps()
+    info = machine_info(device)
+    info["dtype"] = str(dtype).removeprefix("torch.")
+    title = f"bpext vs native on {info.get('gpu', info['cpu'])} ({info['dtype']}, torch {info['torch']})"
+    print(title)
+    print(format_table(bench.rows))
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump({"machine": info, "rows": [asdict(r) for r in bench.rows], "ratios": ratios(bench.rows)}, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in asdict(bench.rows[0]) if k != "extra"])
+        writer.writeheader()
+        for r in bench.rows:
+            writer.writerow({k: v for k, v in asdict(r).items() if k != "extra"})
+    plot(bench.rows, os.path.join(out_dir, "results.png"), title)
+    print(f"wrote {out_dir}/results.json, results.csv, results.png")
+    return 0

@@ -1,0 +1,41 @@
+// The single definition of the bpext operator library: every op's schema.
+// Backends add kernels with TORCH_LIBRARY_IMPL in kernels/cpu and kernels/cuda.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "bpext/config.h"
+
+namespace bpext {
+
+std::atomic<bool>& cublaslt_epilogue_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
+static bool set_cublaslt_epilogue(bool enabled) { return cublaslt_epilogue_enabled().exchange(enabled); }
+
+}  // namespace bpext
+
+// `import bpext._C` loads this library, which registers the ops below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(bpext, m) {
+  // x: (*) -> y: (*)
+  m.def("activation_forward(Tensor x, str activation, float p0, float p1) -> Tensor");
+  // grad_y, saved: (*) -> grad_x: (*); saved is y or z, as the activation's policy says
+  m.def("activation_backward(Tensor grad_y, Tensor saved, str activation, float p0, float p1) -> Tensor");
+  // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact
+  m.def(
+      "dense_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float p0, float p1, "
+      "bool return_preact) -> (Tensor, Tensor)");
+  // grad_y, saved: (*, OUT), x: (*, IN), weight: (OUT, IN)
+  //   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
+  m.def(
+      "dense_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor saved, str activation, float p0, "
+      "float p1, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Returns the previous value; see bpext/config.h.
+  m.def("_set_cublaslt_epilogue(bool enabled) -> bool", &bpext::set_cublaslt_epilogue);
+}

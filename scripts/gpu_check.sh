@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# make gpu-check: run on a machine with a CUDA GPU, its own python3 and torch (no venv,
+# no network). Builds bpext, runs the test suite (CUDA cases included), compute-sanitizer
+# memcheck and racecheck on a short run of every CUDA kernel, and the GPU benchmark.
+# Logs and results go to $OUT (default out/gpu-check); a summary is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu-check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+summary=()
+step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a timeout, logs to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" $((SECONDS - start)) "$(tail -n 1 "$OUT/$name.log")")")
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
+
+if ! step build 300 env MAX_JOBS="$(nproc)" $PY -m pip install --no-build-isolation --no-deps -e .; then
+  tail -n 40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1
+fi
+step tests 240 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider -n 8
+step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py
+step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 $PY scripts/cuda_smoke.py
+step bench_bf16 240 $PY -m bpext bench --device cuda --dtype bfloat16 --no-compile --out "$OUT/bench_bf16"
+step bench_fp32 120 $PY -m bpext bench --device cuda --dtype float32 --no-compile --suite activation \
+  --suite dense --out "$OUT/bench_fp32"
+
+grep -E "passed|failed" "$OUT/tests.log" | tail -n 3
+sed -n '/^bpext vs native/,$p' "$OUT/bench_bf16.log"
+sed -n '/^bpext vs native/,$p' "$OUT/bench_fp32.log"
+printf '%s\n' "${summary[@]}"

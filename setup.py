@@ -1,0 +1,116 @@
+"""Builds bpext._C from kernels/: the C++ CPU kernels always, the CUDA kernels too
+whenever torch is a CUDA build and nvcc is found (BPEXT_FORCE_CPU=1 turns them off)."""
+
+import glob
+import os
+import site
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _configure_cuda_environment():
+    """Environment fixes that must precede importing torch.utils.cpp_extension."""
+    # torch guesses CUDA_HOME from the nvcc on PATH (/usr/local/bin/nvcc -> /usr/local),
+    # which misses the toolkit when it lives in /usr/local/cuda.
+    if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    # With no GPU to ask, the architectures must be named; Hopper (H100/H200) by default.
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+
+
+def _nvidia_include_dirs():
+    """cuBLAS/cuSPARSE headers ship in the nvidia pip packages, not always in the toolkit."""
+    roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+    found = []
+    for root in roots:
+        found += glob.glob(os.path.join(root, "nvidia", "cu*", "include"))
+    return sorted(set(d for d in found if os.path.isdir(d)))
+
+
+def _cpu_simd_flags():
+    """AVX2+FMA+F16C lets at::vec use its Sleef-backed kernels; only when the build machine has them."""
+    if os.environ.get("BPEXT_NO_AVX2") == "1":
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return []
+    if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def _extension():
+    force_cpu = os.environ.get("BPEXT_FORCE_CPU", "0") == "1"
+    if not force_cpu:
+        _configure_cuda_environment()
+    from torch.utils import cpp_extension
+    import torch
+
+    sources = sorted(glob.glob("kernels/*.cpp") + glob.glob("kernels/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("kernels/cuda/*.cu"))
+    include_dirs = [os.path.join(ROOT, "kernels", "include")]
+    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_simd_flags()
+    sanitize = os.environ.get("BPEXT_SANITIZE", "")
+    link = []
+    if sanitize:
+        cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        link += [f"-fsanitize={sanitize}"]
+
+    if force_cpu:
+        reason = "BPEXT_FORCE_CPU=1"
+    elif torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    elif cpp_extension.CUDA_HOME is None:
+        reason = "nvcc / CUDA_HOME not found"
+    else:
+        reason = None
+
+    if reason is not None:
+        print(f"bpext: building the CPU kernels only ({reason})", flush=True)
+        return cpp_extension.CppExtension(
+            "bpext._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True,
+        )
+    print(f"bpext: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
+          f"arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})", flush=True)
+    return cpp_extension.CUDAExtension(
+        "bpext._C", sources + cuda_sources,
+        include_dirs=include_dirs + _nvidia_include_dirs(),
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link, py_limited_api=True,
+    )
+
+
+def _fixed_build_folder(base):
+    class BuildInFixedFolder(base):
+        # pip install -e builds in a new temporary folder each time; a fixed one lets
+        # ninja rebuild only the kernels that changed.
+        def build_extensions(self):
+            self.build_temp = os.path.join(ROOT, "build", "temp")
+            super().build_extensions()
+
+    return BuildInFixedFolder
+
+
+def main():
+    extension = _extension()  # first: it fixes the environment that cpp_extension reads on import
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=[extension],
+        cmdclass={"build_ext": _fixed_build_folder(BuildExtension)},
+        options={"bdist_wheel": {"py_limited_api": "cp310"}},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Dense against act(F.linear(...)): forward, every gradient, gradcheck, shapes, autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bpext
+from bpext.activations import resolve
+from conftest import DEVICES, NON_DEFAULT_PARAMS, assert_close_to_reference, device_dtype_params
+
+
+def native_dense(x, w, b, name, **params):
+    return resolve(name, **params).reference(F.linear(x, w, b))
+
+
+def make(shape, out_features, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    in_features = shape[-1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = torch.randn(out_features, in_features, generator=g, dtype=torch.float64) / in_features**0.5
+    b = torch.randn(out_features, generator=g, dtype=torch.float64) if bias else None
+    conv = lambda t: None if t is None else t.to(dtype=dtype, device=device).requires_grad_(True)  # noqa: E731
+    return conv(x), conv(w), conv(b)
+
+
+def grads_of(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+    y = fn(*leaves)
+    y.backward(grad_out)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("name", bpext.ACTIVATIONS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_native(name, device, dtype, bias):
+    params = NON_DEFAULT_PARAMS.get(name, {})
+    x, w, b = make((5, 3, 24), 40, dtype, device, bias)
+    grad = torch.randn(5, 3, 40, dtype=torch.float64).to(dtype=dtype, device=device)
+    y, grads = grads_of(lambda *t: bpext.functional.dense(*t, activation=name, **params), (x, w, b), grad)
+    # The exact answer for these (rounded) inputs: native autograd in float64.
+    as64 = [t.double() if t is not None else None for t in (x, w, b)]
+    y_ref, grads_ref = grads_of(lambda *t: native_dense(*t, name, **params), as64, grad.double())
+    assert y.shape == (5, 3, 40) and y.dtype == dtype
+    assert_close_to_reference(y, y_ref, dtype)
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is not None:
+            assert g.dtype == dtype
+            assert_close_to_reference(g, g_ref, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", bpext.ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_gradcheck_float64(name, device, shape, bias):
+    x, w, b = make(shape, 4, torch.float64, device, bias, seed=3)
+    params = NON_DEFAULT_PARAMS.get(name, {})
+    inputs = (x, w, b) if bias else (x, w)
+    assert torch.autograd.gradcheck(lambda *t: bpext.functional.dense(*t, activation=name, **params), inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows,in_features,out_features", [(1, 1, 1), (3, 7, 9), (130, 17, 33), (257, 64, 129)])
+def test_odd_shapes(device, rows, in_features, out_features):
+    x, w, b = make((rows, in_features), out_features, torch.float32, device)
+    grad = torch.randn(rows, out_features, device=device)
+    y, grads = grads_of(lambda *t: bpext.functional.dense(*t, activation="gelu"), (x, w, b), grad)
+    y_ref, grads_ref = grads_of(lambda *t: native_dense(*t, "gelu"), (x, w, b), grad)
+    assert_close_to_reference(y, y_ref, torch.float32)
+    for g, g_ref in zip(grads, grads_ref):
+        assert_close_to_reference(g, g_ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["x", "w", "b", "xw", "wb"])
+def test_only_requested_gradients(device, which):
+    x, w, b = make((8, 6), 5, torch.float64, device)
+    for t, key in ((x, "x"), (w, "w"), (b, "b")):
+        t.requires_grad_(key in which)
+    bpext.functional.dense(x, w, b, activation="tanh").sum().backward()
+    for t, key in ((x, "x"), (w, "w"), (b, "b")):
+        assert (t.grad is not None) == (key in which)
+    ref = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    native_dense(*ref, "tanh").sum().backward()
+    for t, r, key in zip((x, w, b), ref, "xwb"):
+        if key in which:
+            torch.testing.assert_close(t.grad, r.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    x, w, b = make((6, 10), 12, torch.float32, device)
+    xt = x.detach().t().contiguous().t().requires_grad_(True)  # column-major
+    wt = w.detach()[:, ::1].t().contiguous().t().requires_grad_(True)
+    grad = torch.randn(12, 6, device=device).t()  # non-contiguous upstream gradient
+    y, grads = grads_of(lambda *t: bpext.functional.dense(*t, activation="silu"), (xt, wt, b), grad)
+    y_ref, grads_ref = grads_of(lambda *t: native_dense(*t, "silu"), (xt, wt, b), grad)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8)], ids=["rows0", "lead0"])
+def test_empty_batch(device, shape):
+    x, w, b = make(shape, 5, torch.float32, device)
+    y = bpext.functional.dense(x, w, b, activation="gelu")
+    assert y.shape == (*shape[:-1], 5)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_in_features(device):
+    x, w, b = make((4, 0), 3, torch.float32, device)
+    y = bpext.functional.dense(x, w, b, activation="relu")
+    torch.testing.assert_close(y, torch.relu(b).expand(4, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_saves_nothing_and_skips_preact(device):
+    x, w, b = make((4, 8), 3, torch.float32, device)
+    with torch.no_grad():
+        y = bpext.functional.dense(x, w, b, activation="gelu")
+    torch.testing.assert_close(y, native_dense(x, w, b, "gelu").detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["gelu", "relu", "identity"])
+def test_saved_tensors(device, name):
+    """x (for grad_weight) and one of y / z: never both of y and z."""
+    x, w, b = make((16, 8), 32, torch.float32, device)
+    x = x.detach().clone().requires_grad_(True)  # a non-leaf-like activation input
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        bpext.functional.dense(x, w, b, activation=name)
+    shapes = sorted(tuple(t.shape) for t in saved if t is not w)
+    expected = [(16, 8)] + ([] if name == "identity" else [(16, 32)])
+    assert shapes == sorted(expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_like_linear(device):
+    dtype = torch.bfloat16
+    layer = bpext.nn.Dense(16, 8, activation="gelu", device=device)
+    native = torch.nn.Linear(16, 8, device=device)
+    native.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 16, device=device)
+    with torch.autocast(device, dtype=dtype):
+        y = layer(x)
+        y_lin = native(x)
+        y_act = bpext.functional.activation(x, "gelu")
+    assert y.dtype == y_lin.dtype == dtype
+    assert y_act.dtype == torch.float32  # activations keep their input dtype
+    torch.testing.assert_close(y, torch.nn.functional.gelu(y_lin), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_second_device():
+    x, w, b = make((8, 16), 4, torch.float32, "cuda:1")
+    y = bpext.functional.dense(x, w, b, activation="gelu")
+    assert y.device == torch.device("cuda:1")
+    torch.testing.assert_close(y, native_dense(x, w, b, "gelu"))
+    y.sum().backward()
+    assert w.grad.device == torch.device("cuda:1")
