@@ -58,9 +58,11 @@ def _extension():
     sources = sorted(glob.glob("kernels/*.cpp") + glob.glob("kernels/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("kernels/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "kernels", "include")]
-    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas"] + _cpu_simd_flags()
+    # -fopenmp: at::parallel_for is inline and runs its loop in an OpenMP region (ATen's
+    # backend); compiled without it, the region is silently serial.
+    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags()
     sanitize = os.environ.get("BPEXT_SANITIZE", "")
-    link = []
+    link = ["-fopenmp"]
     if sanitize:
         cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
         link += [f"-fsanitize={sanitize}"]
