@@ -60,7 +60,7 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "kernels", "include")]
     # -fopenmp: at::parallel_for is inline and runs its loop in an OpenMP region (ATen's
     # backend); compiled without it, the region is silently serial.
-    cxx = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags()
+    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags()
     sanitize = os.environ.get("BPEXT_SANITIZE", "")
     link = ["-fopenmp"]
     if sanitize:

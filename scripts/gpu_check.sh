@@ -25,9 +25,11 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 if ! step build 300 env MAX_JOBS="$(nproc)" $PY -m pip install --no-build-isolation --no-deps -e .; then
   tail -n 40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1
 fi
-step tests 240 $PY -m pytest -q -x -m "not slow" -p no:cacheprovider -n 8
+step errors 60 $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_errors.py
+step tests 240 $PY -m pytest -q -m "not slow" -p no:cacheprovider -n 8
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py
-step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 $PY scripts/cuda_smoke.py
+[ "${SKIP_RACECHECK:-0}" = 1 ] || \
+  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 $PY scripts/cuda_smoke.py
 step bench_bf16 240 $PY -m bpext bench --device cuda --dtype bfloat16 --no-compile --out "$OUT/bench_bf16"
 step bench_fp32 120 $PY -m bpext bench --device cuda --dtype float32 --no-compile --suite activation \
   --suite dense --out "$OUT/bench_fp32"

@@ -120,8 +120,10 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
     return std::make_tuple(y.view(out_shape), return_preact ? preact.view(out_shape) : preact.view({0}));
   };
 
+  // cuBLASLt's epilogue only where it finishes the whole layer, and not for an empty
+  // reduction (in_features == 0), where _addmm_activation returns the bias un-activated.
   const bool lt_epilogue = cublaslt_epilogue_enabled().load() && b.defined() && !return_preact && rows > 0 &&
-                           (act == Activation::kIdentity || act == Activation::kRelu);
+                           x2.size(1) > 0 && (act == Activation::kIdentity || act == Activation::kRelu);
   if (lt_epilogue && act == Activation::kIdentity) {
     at::addmm_out(y, b, x2, w.t());
     return result();

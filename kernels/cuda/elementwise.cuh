@@ -25,10 +25,11 @@ constexpr int kPackWidth = 16 / sizeof(T);
 
 inline bool is_aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-// Blocks for a grid-stride loop over `work` items: enough to fill the GPU, no more.
+// Blocks for a grid-stride loop over `work` items: one item per thread up to a few
+// hundred blocks per SM (many loads in flight), then each thread loops.
 inline unsigned grid_for(int64_t work) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<unsigned>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, sms * 32));
+  return static_cast<unsigned>(std::clamp<int64_t>((work + kThreads - 1) / kThreads, 1, sms * 128));
 }
 
 // The packs arrive by value: each is loaded once, 16 bytes at a time.
