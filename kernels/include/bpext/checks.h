@@ -12,13 +12,6 @@
 
 #include "bpext/activations.h"
 
-// TORCH_CHECK's failure path (c10::detail::torchCheckFail) segfaulted when called from
-// this extension under torch 2.11 on the GPU machine, while errors thrown from the
-// extension's own code (as TORCH_CHECK_VALUE/TYPE do) were caught normally; so every
-// check throws c10::Error (Python RuntimeError) itself.
-#define BPEXT_CHECK(cond, ...) \
-  if (C10_UNLIKELY(!(cond))) C10_THROW_ERROR(Error, ::c10::str(__VA_ARGS__))
-
 namespace bpext {
 
 struct ActivationName {
@@ -55,16 +48,16 @@ inline Activation parse_activation(std::string_view name, double p0, double p1, 
     if (a.name != name) continue;
     switch (a.value) {
       case Activation::kLeakyRelu:
-        BPEXT_CHECK(std::isfinite(p0) && p0 >= 0, op, ": leaky_relu negative_slope must be finite and >= 0 "
+        TORCH_CHECK(std::isfinite(p0) && p0 >= 0, op, ": leaky_relu negative_slope must be finite and >= 0 "
                     "(the derivative is recovered from the output), got ", p0);
         break;
       case Activation::kElu:
-        BPEXT_CHECK(std::isfinite(p0) && p0 >= 0, op, ": elu alpha must be finite and >= 0 "
+        TORCH_CHECK(std::isfinite(p0) && p0 >= 0, op, ": elu alpha must be finite and >= 0 "
                     "(the derivative is recovered from the output), got ", p0);
         break;
       case Activation::kSoftplus:
-        BPEXT_CHECK(std::isfinite(p0) && p0 > 0, op, ": softplus beta must be finite and > 0, got ", p0);
-        BPEXT_CHECK(!std::isnan(p1), op, ": softplus threshold must not be NaN");
+        TORCH_CHECK(std::isfinite(p0) && p0 > 0, op, ": softplus beta must be finite and > 0, got ", p0);
+        TORCH_CHECK(!std::isnan(p1), op, ": softplus threshold must not be NaN");
         break;
       default:
         break;
@@ -85,13 +78,13 @@ inline void check_same_dtype_device(const at::Tensor& ref, const at::Tensor& t, 
                                     const char* ref_arg, const char* arg) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ", ref_arg,
                    " (", ref.scalar_type(), "), got ", t.scalar_type());
-  BPEXT_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the device of ", ref_arg, " (",
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the device of ", ref_arg, " (",
               ref.device(), "), got ", t.device());
 }
 
 inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_arg,
                              const char* arg) {
-  BPEXT_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, " must have the shape of ", ref_arg, " ", ref.sizes(),
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, " must have the shape of ", ref_arg, " ", ref.sizes(),
               ", got ", t.sizes());
 }
 
@@ -99,15 +92,15 @@ inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const c
 inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const char* op) {
   check_floating(x, op, "input");
-  BPEXT_CHECK(x.dim() >= 1, op, ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
-  BPEXT_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.dim(),
+  TORCH_CHECK(x.dim() >= 1, op, ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.dim(),
               "-D with shape ", weight.sizes());
   check_same_dtype_device(x, weight, op, "input", "weight");
-  BPEXT_CHECK(x.size(-1) == weight.size(1), op, ": input's last dimension (", x.size(-1),
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": input's last dimension (", x.size(-1),
               ") must equal weight's in_features (", weight.size(1), "); input ", x.sizes(), ", weight ",
               weight.sizes());
   if (bias.has_value()) {
-    BPEXT_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be 1-D of size out_features (",
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be 1-D of size out_features (",
                 weight.size(0), "), got shape ", bias->sizes());
     check_same_dtype_device(x, *bias, op, "input", "bias");
   }
@@ -118,19 +111,19 @@ inline void check_dense_backward_args(const at::Tensor& grad_y, const std::optio
                                       const at::Tensor& weight, const at::Tensor& saved, Activation act,
                                       std::array<bool, 3> output_mask, const char* op) {
   check_floating(grad_y, op, "grad_y");
-  BPEXT_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
   check_same_dtype_device(grad_y, weight, op, "grad_y", "weight");
-  BPEXT_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have shape (*, ",
+  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have shape (*, ",
               weight.size(0), "), got ", grad_y.sizes());
   if (act != Activation::kIdentity) {  // identity's backward reads nothing saved
     check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
     check_same_shape(grad_y, saved, op, "grad_y", "saved");
   }
   if (output_mask[1]) {
-    BPEXT_CHECK(x.has_value(), op, ": x is required to compute grad_weight");
+    TORCH_CHECK(x.has_value(), op, ": x is required to compute grad_weight");
     check_same_dtype_device(grad_y, *x, op, "grad_y", "x");
     const int64_t in_features = weight.size(1);
-    BPEXT_CHECK(x->dim() >= 1 && x->size(-1) == in_features && x->numel() == grad_y.numel() / std::max<int64_t>(1, weight.size(0)) * in_features,
+    TORCH_CHECK(x->dim() >= 1 && x->size(-1) == in_features && x->numel() == grad_y.numel() / std::max<int64_t>(1, weight.size(0)) * in_features,
                 op, ": x must have shape (*, ", in_features, ") with the leading dims of grad_y ", grad_y.sizes(),
                 ", got ", x->sizes());
   }
