@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -13,6 +14,21 @@
 #include "bpext/activations.h"
 
 namespace bpext {
+
+// Numbers in error messages are formatted with snprintf, not std::ostream: under the GPU
+// machine's torch 2.11 build, streaming a number from this extension (as c10::str does)
+// segfaulted, while messages made only of strings were raised normally.
+inline std::string show(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+inline std::string show(int64_t v) { return std::to_string(v); }
+inline std::string show(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
 
 struct ActivationName {
   std::string_view name;
@@ -49,14 +65,14 @@ inline Activation parse_activation(std::string_view name, double p0, double p1, 
     switch (a.value) {
       case Activation::kLeakyRelu:
         TORCH_CHECK(std::isfinite(p0) && p0 >= 0, op, ": leaky_relu negative_slope must be finite and >= 0 "
-                    "(the derivative is recovered from the output), got ", p0);
+                    "(the derivative is recovered from the output), got ", show(p0));
         break;
       case Activation::kElu:
         TORCH_CHECK(std::isfinite(p0) && p0 >= 0, op, ": elu alpha must be finite and >= 0 "
-                    "(the derivative is recovered from the output), got ", p0);
+                    "(the derivative is recovered from the output), got ", show(p0));
         break;
       case Activation::kSoftplus:
-        TORCH_CHECK(std::isfinite(p0) && p0 > 0, op, ": softplus beta must be finite and > 0, got ", p0);
+        TORCH_CHECK(std::isfinite(p0) && p0 > 0, op, ": softplus beta must be finite and > 0, got ", show(p0));
         TORCH_CHECK(!std::isnan(p1), op, ": softplus threshold must not be NaN");
         break;
       default:
@@ -84,8 +100,8 @@ inline void check_same_dtype_device(const at::Tensor& ref, const at::Tensor& t, 
 
 inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_arg,
                              const char* arg) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, " must have the shape of ", ref_arg, " ", ref.sizes(),
-              ", got ", t.sizes());
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, " must have the shape of ", ref_arg, " ", show(ref.sizes()),
+              ", got ", show(t.sizes()));
 }
 
 // x: (*, IN), weight: (OUT, IN), bias: (OUT)
@@ -93,15 +109,15 @@ inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, cons
                              const char* op) {
   check_floating(x, op, "input");
   TORCH_CHECK(x.dim() >= 1, op, ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", weight.dim(),
-              "-D with shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", show(weight.dim()),
+              "-D with shape ", show(weight.sizes()));
   check_same_dtype_device(x, weight, op, "input", "weight");
-  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": input's last dimension (", x.size(-1),
-              ") must equal weight's in_features (", weight.size(1), "); input ", x.sizes(), ", weight ",
-              weight.sizes());
+  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": input's last dimension (", show(x.size(-1)),
+              ") must equal weight's in_features (", show(weight.size(1)), "); input ", show(x.sizes()),
+              ", weight ", show(weight.sizes()));
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be 1-D of size out_features (",
-                weight.size(0), "), got shape ", bias->sizes());
+                show(weight.size(0)), "), got shape ", show(bias->sizes()));
     check_same_dtype_device(x, *bias, op, "input", "bias");
   }
 }
@@ -111,10 +127,10 @@ inline void check_dense_backward_args(const at::Tensor& grad_y, const std::optio
                                       const at::Tensor& weight, const at::Tensor& saved, Activation act,
                                       std::array<bool, 3> output_mask, const char* op) {
   check_floating(grad_y, op, "grad_y");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", show(weight.sizes()));
   check_same_dtype_device(grad_y, weight, op, "grad_y", "weight");
   TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have shape (*, ",
-              weight.size(0), "), got ", grad_y.sizes());
+              show(weight.size(0)), "), got ", show(grad_y.sizes()));
   if (act != Activation::kIdentity) {  // identity's backward reads nothing saved
     check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
     check_same_shape(grad_y, saved, op, "grad_y", "saved");
@@ -124,8 +140,8 @@ inline void check_dense_backward_args(const at::Tensor& grad_y, const std::optio
     check_same_dtype_device(grad_y, *x, op, "grad_y", "x");
     const int64_t in_features = weight.size(1);
     TORCH_CHECK(x->dim() >= 1 && x->size(-1) == in_features && x->numel() == grad_y.numel() / std::max<int64_t>(1, weight.size(0)) * in_features,
-                op, ": x must have shape (*, ", in_features, ") with the leading dims of grad_y ", grad_y.sizes(),
-                ", got ", x->sizes());
+                op, ": x must have shape (*, ", show(in_features), ") with the leading dims of grad_y ",
+                show(grad_y.sizes()), ", got ", show(x->sizes()));
   }
 }
 
