@@ -30,7 +30,7 @@ DENSE_TOLERANCES = {
 }
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Non-default parameters, so that checks see them reach the kernels.
-CHECK_PARAMS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.5}, "softplus": {"beta": 2.0}}
+CHECK_PARAMS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.5}, "softplus": {"beta": 2.0, "threshold": 5.0}}
 
 
 @dataclass

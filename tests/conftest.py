@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bpext
+from bpext import check
 
 HAS_CUDA = torch.cuda.is_available() and bpext.has_cuda_kernels()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or bpext built without CUDA kernels)")
@@ -18,13 +19,9 @@ DTYPES = {
     "cuda": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
 }
 
-# (rtol, atol) for bpext against torch.nn.functional at the same dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-5, 2e-6),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
+# (rtol, atol) for bpext against torch.nn.functional at the same dtype: the table
+# `python -m bpext check` uses too.
+TOLERANCES = check.TOLERANCES
 
 # (rtol, atol as a fraction of the largest |reference|) for layers, against a float64
 # reference computed from the same (rounded) inputs: GEMM sums round differently than
@@ -61,8 +58,4 @@ def assert_close_to_reference(actual, reference, dtype):
 
 
 # Non-default parameters per activation, to test that they reach the kernels.
-NON_DEFAULT_PARAMS = {
-    "leaky_relu": {"negative_slope": 0.2},
-    "elu": {"alpha": 0.5},
-    "softplus": {"beta": 2.0, "threshold": 5.0},
-}
+NON_DEFAULT_PARAMS = check.CHECK_PARAMS
