@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .activations import REGISTRY
+
 _ops = torch.ops.bpext
 
 
@@ -49,6 +51,42 @@ def dense_backward(
     return _ops.dense_backward.default(grad_y, x, weight, saved, activation, p0, p1, list(output_mask))
 
 
+def mlp_forward(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    activation: str,
+    p0: float,
+    p1: float,
+    output_activation: str,
+    q0: float,
+    q1: float,
+    save: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x: (*, W0), weights[l]: (W[l+1], W[l]) -> y: (*, W[L]), saved: one tensor per layer when ``save``."""
+    return _ops.mlp_forward.default(x, list(weights), list(biases), activation, p0, p1, output_activation, q0, q1, save)
+
+
+def mlp_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None],
+    saved: Sequence[torch.Tensor],
+    activation: str,
+    p0: float,
+    p1: float,
+    output_activation: str,
+    q0: float,
+    q1: float,
+    input_grad: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """-> grad_x ((0) unless input_grad), grad_weights, grad_biases ((0) for layers without bias)."""
+    return _ops.mlp_backward.default(grad_y, x, y, list(weights), list(biases), list(saved), activation, p0, p1,
+                                     output_activation, q0, q1, input_grad)
+
+
 def set_cublaslt_epilogue(enabled: bool) -> bool:
     """CUDA dense forward: use cuBLASLt's bias/ReLU epilogue where it applies (default True).
     Returns the previous setting. Exposed so benchmarks can time both paths."""
@@ -84,3 +122,28 @@ def _(grad_y, x, weight, saved, activation, p0, p1, output_mask):
     grad_weight = grad_y.new_empty((out_features, in_features) if output_mask[1] else (0,))
     grad_bias = grad_y.new_empty((out_features,) if output_mask[2] else (0,))
     return grad_x, grad_weight, grad_bias
+
+
+def _keeps_output(name: str) -> bool:
+    return REGISTRY[name].saves_output
+
+
+@torch.library.register_fake("bpext::mlp_forward")
+def _(x, weights, biases, activation, p0, p1, output_activation, q0, q1, save):
+    lead = x.shape[:-1]
+    saved = []
+    if save:
+        for layer, w in enumerate(weights):
+            last = layer == len(weights) - 1
+            keeps_y = _keeps_output(output_activation if last else activation)
+            # The last layer's y is the op's output; nothing more is kept for it then.
+            saved.append(x.new_empty((0,)) if last and keeps_y else x.new_empty((*lead, w.shape[0])))
+    return x.new_empty((*lead, weights[-1].shape[0])), saved
+
+
+@torch.library.register_fake("bpext::mlp_backward")
+def _(grad_y, x, y, weights, biases, saved, activation, p0, p1, output_activation, q0, q1, input_grad):
+    grad_x = grad_y.new_empty(x.shape if input_grad else (0,))
+    grad_weights = [grad_y.new_empty(w.shape) for w in weights]
+    grad_biases = [grad_y.new_empty((w.shape[0],) if b is not None else (0,)) for w, b in zip(weights, biases)]
+    return grad_x, grad_weights, grad_biases

@@ -1,7 +1,8 @@
 """`python -m bpext bench`: bpext against native eager PyTorch and torch.compile, in one process.
 
 Cases: activations (forward, backward, both; GB/s next to a memory copy), single
-dense layers (with their three GEMMs alone as the floor), and MLPs. Each case
+dense layers (with their three GEMMs alone as the floor), and MLPs (the fused
+bpext.nn.MLP, and per-layer Dense as "bpext-dense"). Each case
 reports median times, ratios native/bpext and compiled/bpext, the bytes saved for
 backward and, on CUDA, peak memory. Writes results.json, results.csv and results.png.
 """
@@ -55,7 +56,8 @@ def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> float
 
 
 def saved_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
-    """Bytes of tensors autograd saves during forward(), each storage once, parameters excluded."""
+    """Bytes of tensors autograd saves during forward(), each storage once, excluding
+    ``exclude`` (the parameters and the input, which exist without autograd)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     storages: dict[int, int] = {}
 
@@ -83,6 +85,10 @@ def peak_mb(step: Callable[[], object], device: str) -> float | None:
 
 
 def _compile(fn):
+    # Each case compiles the same Python code (a reference activation, a model's forward)
+    # for new shapes and functions; start from a clean cache so no case hits the
+    # recompile limit (a hard error under fullgraph=True).
+    torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True)
 
 
@@ -172,7 +178,7 @@ class Bench:
                 step = lambda fn=fn: torch.autograd.grad(fn(x), [x, *params], g)  # noqa: E731
                 ms = self.t(step)
                 self.rows.append(Row("dense", case, variant, "fwd+bwd", ms, tflops=flop / ms / 1e9,
-                                     saved_bytes=saved_bytes(lambda fn=fn: fn(x), params),
+                                     saved_bytes=saved_bytes(lambda fn=fn: fn(x), [x, *params]),
                                      peak_mb=peak_mb(step, self.device)))
             finally:
                 if own:
@@ -191,10 +197,11 @@ class Bench:
     # -- MLPs --------------------------------------------------------------------------
 
     def mlp_shapes(self) -> list[tuple[str, int, list[int], int, int]]:
-        wide = (1024, [1024, 1024], 1024, 4096 if self.device.startswith("cuda") else 1024)
-        shapes = [("narrow", 32, [64] * 4, 16, 4096)]
+        cuda = self.device.startswith("cuda")
+        shapes = [("narrow", 32, [64] * 4, 16, 2**18 if cuda and not self.quick else 4096)]
         if not self.quick:
-            shapes.append(("wide", *wide))
+            shapes += [("one-layer", 128, [], 128, 32),
+                       ("wide", 1024, [1024, 1024], 1024, 4096 if cuda else 1024)]
         return shapes
 
     def mlps(self) -> None:
@@ -209,13 +216,13 @@ class Bench:
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b, **kw))
-            if i < len(widths) - 2:
+            if i < len(widths) - 2 or not hidden:  # a one-layer MLP ends in the activation
                 layers.append(nn.GELU() if name == "gelu" else nn.ReLU())
         native = nn.Sequential(*layers)
-        dense = bpext.convert(copy.deepcopy(native))
         x = torch.randn(batch, fin, **kw)
-        case = f"{label} {fin}-{'-'.join(map(str, hidden))}-{fout} b={batch} {name}"
-        variants = {"bpext-dense": dense, "native": native}
+        case = f"{label} {'-'.join(map(str, widths))} b={batch} {name}"
+        variants = {"bpext": bpext.nn.MLP.from_sequential(copy.deepcopy(native)),
+                    "bpext-dense": bpext.convert(copy.deepcopy(native), fuse_mlp=False), "native": native}
         if self.compile_native:
             variants["compiled"] = _compile(copy.deepcopy(native))
         for variant, model in variants.items():
@@ -223,7 +230,7 @@ class Bench:
             step = lambda m=model, p=params: torch.autograd.grad(m(x).sum(), p)  # noqa: E731
             ms = self.t(step)
             self.rows.append(Row("mlp", case, variant, "fwd+bwd", ms,
-                                 saved_bytes=saved_bytes(lambda m=model: m(x), params),
+                                 saved_bytes=saved_bytes(lambda m=model: m(x), [x, *params]),
                                  peak_mb=peak_mb(step, self.device)))
 
 
@@ -237,7 +244,7 @@ def ratios(rows: list[Row]) -> list[dict]:
         if ours is None:
             continue
         entry = {"suite": suite, "case": case, "phase": phase, "bpext_ms": ours.median_ms}
-        for other in ("native", "compiled", "gemm-floor", "bpext-own-epilogue"):
+        for other in ("native", "compiled", "gemm-floor", "bpext-own-epilogue", "bpext-dense"):
             if other in group:
                 entry[f"{other}/bpext"] = group[other].median_ms / ours.median_ms
         if ours.saved_bytes is not None and group.get("native") and group["native"].saved_bytes:
@@ -247,8 +254,8 @@ def ratios(rows: list[Row]) -> list[dict]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'suite':<10} {'case':<34} {'phase':<7} {'bpext ms':>9} {'native/':>8} {'compiled/':>9} "
-            f"{'floor/':>7} {'GB/s':>7} {'TFLOP/s':>8} {'saved':>6}")
+    head = (f"{'suite':<10} {'case':<36} {'phase':<7} {'bpext ms':>9} {'native/':>8} {'compiled/':>9} "
+            f"{'floor/':>7} {'Dense/':>7} {'GB/s':>7} {'TFLOP/s':>8} {'saved':>6}")
     lines = [head, "-" * len(head)]
     by_key = {(r.suite, r.case, r.phase, r.variant): r for r in rows}
     for e in ratios(rows):
@@ -256,9 +263,10 @@ def format_table(rows: list[Row]) -> str:
             by_key.get((e["suite"], e["case"], e["phase"], "bpext-dense"))
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         lines.append(
-            f"{e['suite']:<10} {e['case']:<34} {e['phase']:<7} {e['bpext_ms']:>9.3f} "
+            f"{e['suite']:<10} {e['case']:<36} {e['phase']:<7} {e['bpext_ms']:>9.3f} "
             f"{fmt(e.get('native/bpext'), '8.2f'):>8} {fmt(e.get('compiled/bpext'), '9.2f'):>9} "
-            f"{fmt(e.get('gemm-floor/bpext'), '7.2f'):>7} {fmt(ours.gbps, '7.1f'):>7} "
+            f"{fmt(e.get('gemm-floor/bpext'), '7.2f'):>7} {fmt(e.get('bpext-dense/bpext'), '7.2f'):>7} "
+            f"{fmt(ours.gbps, '7.1f'):>7} "
             f"{fmt(ours.tflops, '8.2f'):>8} {fmt(e.get('saved bpext/native'), '6.2f'):>6}")
     copies = [r for r in rows if r.variant == "copy"]
     if copies:

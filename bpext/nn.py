@@ -9,7 +9,7 @@ from . import functional as F
 from .activations import ResolvedActivation, resolve
 
 __all__ = [
-    "Dense", "Activation", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh", "Softplus",
+    "Dense", "MLP", "Activation", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh", "Softplus",
     "convert",
 ]
 
@@ -72,6 +72,85 @@ class Dense(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, activation={_describe(self.activation)}")
+
+
+class MLP(nn.Module):
+    """A multi-layer perceptron run as one op each way (``bpext.functional.mlp``).
+
+    Layers ``in_features -> hidden_features[0] -> ... -> out_features``; hidden layers use
+    ``activation`` (its parameters as keyword arguments), the last ``output_activation``
+    (a name or ``bpext.resolve(...)``). Parameters live in ``self.layers``, a ModuleList
+    of ``Dense`` shaped like a stack of ``nn.Linear``; ``to_sequential()`` and
+    ``from_sequential()`` convert to and from the native ``nn.Sequential`` (sharing the
+    parameters), so state dicts convert both ways. Backward keeps one tensor per layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: list[int],
+        out_features: int,
+        activation: str = "relu",
+        bias: bool = True,
+        output_activation: str | ResolvedActivation = "identity",
+        device=None,
+        dtype=None,
+        **activation_params: float,
+    ) -> None:
+        super().__init__()
+        self.activation = resolve(activation, **activation_params)
+        self.output_activation = resolve(output_activation)
+        widths = [in_features, *hidden_features, out_features]
+        acts = [self.activation] * len(hidden_features) + [self.output_activation]
+        self.layers = nn.ModuleList(
+            Dense(a, b, bias, act.name, device=device, dtype=dtype, **act.kwargs)
+            for a, b, act in zip(widths[:-1], widths[1:], acts)
+        )
+
+    @property
+    def widths(self) -> list[int]:
+        return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mlp(x, [layer.weight for layer in self.layers], [layer.bias for layer in self.layers],
+                     self.activation, self.output_activation)
+
+    @classmethod
+    def from_linears(cls, linears: list[nn.Linear], activation: ResolvedActivation,
+                     output_activation: ResolvedActivation) -> "MLP":
+        """An MLP over the given layers' parameter objects (optimizers holding them keep working)."""
+        widths = [linears[0].in_features] + [lin.out_features for lin in linears]
+        mlp = cls(widths[0], widths[1:-1], widths[-1], activation.name, linears[0].bias is not None,
+                  output_activation, device="meta", **activation.kwargs)
+        for dense, lin in zip(mlp.layers, linears):
+            dense.weight, dense.bias = lin.weight, lin.bias
+        return mlp
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "MLP":
+        """From ``nn.Sequential(Linear, act, Linear, act, ..., Linear[, act])`` with one hidden activation."""
+        chain = _mlp_chain(list(seq), 0, min_layers=1)
+        if chain is None or chain[0] != len(seq):
+            raise ValueError("MLP.from_sequential: expected Linear, act, Linear, ..., Linear[, act] with one "
+                             "supported hidden activation throughout")
+        _, linears, hidden, output = chain
+        return cls.from_linears(linears, hidden, output)
+
+    def to_sequential(self) -> nn.Sequential:
+        """The native equivalent, sharing this MLP's parameters."""
+        modules: list[nn.Module] = []
+        for i, dense in enumerate(self.layers):
+            lin = nn.Linear(dense.in_features, dense.out_features, dense.bias is not None, device="meta")
+            lin.weight, lin.bias = dense.weight, dense.bias
+            modules.append(lin)
+            act = self.output_activation if i == len(self.layers) - 1 else self.activation
+            if act.name != "identity":
+                modules.append(_torch_activation(act))
+        return nn.Sequential(*modules)
+
+    def extra_repr(self) -> str:
+        return (f"widths={self.widths}, activation={_describe(self.activation)}, "
+                f"output_activation={_describe(self.output_activation)}")
 
 
 class Activation(nn.Module):
@@ -156,12 +235,57 @@ def _native_activation(module: nn.Module) -> ResolvedActivation | None:
     return resolve(simple[kind]) if kind in simple else None
 
 
-def convert(model: nn.Module) -> nn.Module:
+def _torch_activation(act: ResolvedActivation) -> nn.Module:
+    """The torch.nn module computing ``act``."""
+    kw = act.kwargs
+    return {
+        "relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(**kw), "elu": lambda: nn.ELU(**kw),
+        "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU(),
+        "mish": lambda: nn.Mish(), "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(),
+        "softplus": lambda: nn.Softplus(**kw),
+    }[act.name]()
+
+
+def _mlp_chain(mods: list[nn.Module], start: int, min_layers: int = 2):
+    """The MLP starting at mods[start]: (end index, linears, hidden act, output act), or None.
+
+    It is ``Linear (act Linear)* [act]``: at least ``min_layers`` Linear layers, every hidden
+    activation the same (none at all between the layers means identity), and an
+    optional final activation (identity without one).
+    """
+    if start >= len(mods) or type(mods[start]) is not nn.Linear:
+        return None
+    linears, hidden, i = [mods[start]], None, start + 1
+    while i < len(mods):
+        if type(mods[i]) is nn.Linear:  # Linear directly after Linear: identity between them
+            act, step = resolve("identity"), 1
+        elif i + 1 < len(mods) and type(mods[i + 1]) is nn.Linear:
+            act, step = _native_activation(mods[i]), 2
+        else:
+            break
+        if act is None or (hidden is not None and act != hidden):
+            break
+        hidden = act
+        linears.append(mods[i + step - 1])
+        i += step
+    if len(linears) < min_layers:
+        return None
+    output = _native_activation(mods[i]) if i < len(mods) else None
+    if output is not None:
+        i += 1
+    identity = resolve("identity")
+    return i, linears, hidden or identity, output or identity
+
+
+def convert(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
     """Swaps torch.nn layers for bpext ones, in place, and returns the model.
 
-    Inside an ``nn.Sequential``, an ``nn.Linear`` followed by a supported activation
-    becomes one fused ``Dense`` (the activation's slot becomes ``nn.Identity``, so
-    state-dict keys are unchanged). Any other ``nn.Linear`` becomes ``Dense`` and any
+    Inside an ``nn.Sequential``, a chain ``Linear, act, Linear, ..., Linear[, act]`` with
+    one hidden activation becomes one ``MLP`` at the chain's first slot (the other slots
+    become ``nn.Identity``; state-dict keys change to the MLP's). With ``fuse_mlp=False``,
+    or for a single ``nn.Linear`` followed by a supported activation, each pair becomes
+    one fused ``Dense`` (the activation's slot becomes ``nn.Identity``, so state-dict
+    keys are unchanged). Any other ``nn.Linear`` becomes ``Dense`` and any
     supported activation module its bpext twin. The parameter objects are kept, so
     outputs, gradients and existing optimizers are unaffected. Subclasses of
     ``nn.Linear`` (such as attention's out_proj, whose weight is read directly) and
@@ -171,9 +295,11 @@ def convert(model: nn.Module) -> nn.Module:
     if replacement is not None:
         return replacement
     if isinstance(model, nn.Sequential):
+        if fuse_mlp:
+            _fuse_mlp_chains(model)
         _fuse_linear_activation(model)
     for name, child in model.named_children():
-        new = convert(child)
+        new = convert(child, fuse_mlp)
         if new is not child:
             setattr(model, name, new)
     return model
@@ -192,3 +318,17 @@ def _fuse_linear_activation(seq: nn.Sequential) -> None:
         if type(seq[i]) is nn.Linear and act is not None:
             seq[i] = Dense.from_linear(seq[i], act.name, **act.kwargs)
             seq[i + 1] = nn.Identity()
+
+
+def _fuse_mlp_chains(seq: nn.Sequential) -> None:
+    mods, i = list(seq), 0
+    while i < len(mods):
+        chain = _mlp_chain(mods, i)
+        if chain is None:
+            i += 1
+            continue
+        end, linears, hidden, output = chain
+        seq[i] = MLP.from_linears(linears, hidden, output)
+        for j in range(i + 1, end):
+            seq[j] = nn.Identity()
+        i = end

@@ -36,6 +36,17 @@ TORCH_LIBRARY(bpext, m) {
   m.def(
       "dense_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor saved, str activation, float p0, "
       "float p1, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or None; hidden layers use
+  // `activation` (p0, p1), the last `output_activation` (q0, q1)
+  //   -> y: (*, OUT), saved: one tensor per layer when `save` (see kernels/mlp.cpp)
+  m.def(
+      "mlp_forward(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, float p0, float p1, "
+      "str output_activation, float q0, float q1, bool save) -> (Tensor, Tensor[])");
+  // -> grad_x: (*, W0) or (0) unless input_grad, grad_weights[l], grad_biases[l] ((0) for a layer without bias)
+  m.def(
+      "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor?[] biases, Tensor[] saved, "
+      "str activation, float p0, float p1, str output_activation, float q0, float q1, bool input_grad) "
+      "-> (Tensor, Tensor[], Tensor[])");
   // Returns the previous value; see bpext/config.h.
   m.def("_set_cublaslt_epilogue(bool enabled) -> bool", &bpext::set_cublaslt_epilogue);
 }

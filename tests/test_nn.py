@@ -80,7 +80,7 @@ def mlp():
 def test_convert_sequential_mlp(device):
     torch.manual_seed(0)
     native = mlp().to(device)
-    model = bpext.convert(copy.deepcopy(native))
+    model = bpext.convert(copy.deepcopy(native), fuse_mlp=False)
     kinds = [type(m).__name__ for m in model]
     assert kinds == ["Dense", "Identity"] * 4 + ["Dense"]
     assert [m.activation.name for m in model if isinstance(m, bpext.nn.Dense)] == \
@@ -95,16 +95,17 @@ def test_convert_sequential_mlp(device):
         torch.testing.assert_close(p.grad, p_ref.grad)
 
 
-def test_convert_keeps_parameter_objects_and_optimizer():
+@pytest.mark.parametrize("fuse_mlp", [True, False])
+def test_convert_keeps_parameter_objects_and_optimizer(fuse_mlp):
     model = mlp()
     params = list(model.parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    bpext.convert(model)
+    bpext.convert(model, fuse_mlp=fuse_mlp)
     assert all(a is b for a, b in zip(model.parameters(), params))
-    before = model[0].weight.detach().clone()
+    before = params[0].detach().clone()
     model(torch.randn(4, 10)).sum().backward()
     opt.step()
-    assert not torch.equal(before, model[0].weight)
+    assert not torch.equal(before, params[0])
 
 
 def test_convert_nested_and_standalone():

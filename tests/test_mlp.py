@@ -1,0 +1,167 @@
+"""The fused MLP against the equivalent native nn.Sequential: values, gradients, memory, conversions."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bpext
+from bpext.activations import resolve
+from conftest import DEVICES, assert_close_to_reference, device_dtype_params
+
+
+def native_stack(widths, hidden, output=resolve("identity"), bias=True, dtype=torch.float64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    mods = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        mods.append(nn.Linear(a, b, bias=bias, dtype=dtype, device=device))
+        act = hidden if i < len(widths) - 2 else output
+        if act.name != "identity":
+            mods.append(bpext.nn._torch_activation(act))
+    return nn.Sequential(*mods)
+
+
+def compare(widths, hidden, output, dtype, device, batch=(5, 7), bias=True):
+    native = native_stack(widths, hidden, output, bias, dtype=torch.float64, device=device)
+    ours = bpext.nn.MLP.from_sequential(copy.deepcopy(native).to(dtype))
+    x = torch.randn(*batch, widths[0], dtype=torch.float64, device=device)
+    g = torch.randn(*batch, widths[-1], dtype=torch.float64, device=device)
+    xo = x.to(dtype).requires_grad_(True)
+    y = ours(xo)
+    y.backward(g.to(dtype))
+    xr = xo.detach().double().requires_grad_(True)  # the exact answer for the rounded inputs
+    ref = copy.deepcopy(native)
+    for p, q in zip(ref.parameters(), ours.parameters()):
+        p.data.copy_(q.detach().double())
+    y_ref = ref(xr)
+    y_ref.backward(g.to(dtype).double())
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert_close_to_reference(y, y_ref, dtype)
+    assert_close_to_reference(xo.grad, xr.grad, dtype)
+    for p, q in zip(ours.parameters(), ref.parameters()):
+        assert_close_to_reference(p.grad, q.grad, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("name", ["relu", "gelu", "tanh", "softplus", "identity"])
+def test_matches_native(name, device, dtype):
+    compare([6, 16, 16, 4], resolve(name), resolve("identity"), dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("widths", [[3, 1, 5], [1, 3, 129, 2], [129, 3], [8, 8, 8, 8, 8, 8]], ids=str)
+@pytest.mark.parametrize("output", ["identity", "sigmoid", "silu"])
+def test_depths_widths_and_output_activation(device, widths, output):
+    compare(widths, resolve("elu", alpha=0.5), resolve(output), torch.float32, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", bpext.ACTIVATIONS)
+def test_gradcheck_float64(device, name):
+    params = bpext.check.CHECK_PARAMS.get(name, {})
+    torch.manual_seed(0)
+    ws = [torch.randn(5, 3), torch.randn(4, 5), torch.randn(2, 4)]
+    bs = [torch.randn(5), None, torch.randn(2)]
+    leaves = [t.double().to(device).requires_grad_(True) if t is not None else None for t in ws + bs]
+    x = torch.randn(2, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+
+    def fn(x, *p):
+        return bpext.functional.mlp(x, list(p[:3]), [p[3], None, p[4]], name, "tanh", **params)
+
+    assert torch.autograd.gradcheck(fn, (x, *[t for t in leaves if t is not None]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [(0,), (1,), (2, 0)], ids=str)
+def test_small_and_empty_batches(device, batch):
+    compare([4, 6, 3], resolve("gelu"), resolve("identity"), torch.float32, device, batch=batch)
+
+
+def saved_storage_bytes(model, x):
+    """Bytes autograd keeps for backward beyond the parameters and the input itself."""
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), x]}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name,limit", [("gelu", 0.5), ("relu", 1.0)])
+def test_saved_bytes_versus_native(name, limit):
+    native = native_stack([32, 64, 64, 64, 16], resolve(name), dtype=torch.float32)
+    ours = bpext.nn.MLP.from_sequential(copy.deepcopy(native))
+    x = torch.randn(256, 32, requires_grad=True)
+    ratio = saved_storage_bytes(ours, x) / saved_storage_bytes(native, x)
+    assert ratio <= limit, ratio
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
+    x, ws, bs = rnd(3, 4), [rnd(5, 4), rnd(2, 5)], [rnd(5), None]
+    for act, out in (("gelu", "identity"), ("relu", "sigmoid"), ("tanh", "softplus")):
+        torch.library.opcheck(torch.ops.bpext.mlp_forward.default, (x, ws, bs, act, 0.0, 0.0, out, 1.0, 20.0, True))
+        torch.library.opcheck(torch.ops.bpext.mlp_forward.default, (x, ws, bs, act, 0.0, 0.0, out, 1.0, 20.0, False))
+        y, saved = torch.ops.bpext.mlp_forward(x, ws, bs, act, 0.0, 0.0, out, 1.0, 20.0, True)
+        args = (rnd(3, 2), x, y, ws, bs, saved, act, 0.0, 0.0, out, 1.0, 20.0, True)
+        torch.library.opcheck(torch.ops.bpext.mlp_backward.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    torch.manual_seed(0)
+    model = bpext.nn.MLP(8, [16, 16], 4, activation="gelu", output_activation="tanh", device=device)
+    x = torch.randn(6, 8, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    comp = torch.autograd.grad(compiled(x).sum(), list(model.parameters()))
+    for a, b in zip(comp, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_state_dicts_convert_both_ways():
+    native = native_stack([5, 7, 3], resolve("silu"), resolve("sigmoid"), dtype=torch.float32)
+    mlp = bpext.nn.MLP(5, [7], 3, activation="silu", output_activation="sigmoid")
+    mlp.load_state_dict(bpext.nn.MLP.from_sequential(native).state_dict())
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(mlp(x), native(x))
+    back = native_stack([5, 7, 3], resolve("silu"), resolve("sigmoid"), dtype=torch.float32, seed=1)
+    back.load_state_dict(mlp.to_sequential().state_dict())
+    torch.testing.assert_close(back(x), native(x))
+    assert "widths=[5, 7, 3], activation=silu, output_activation=sigmoid" in repr(mlp)
+
+
+def test_convert_fuses_chains():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2),
+                          nn.Tanh(), nn.Linear(2, 2))
+    native = copy.deepcopy(model)
+    bpext.convert(model)
+    assert isinstance(model[0], bpext.nn.MLP) and model[0].widths == [4, 8, 8, 2]
+    assert model[0].output_activation.name == "tanh"
+    assert all(isinstance(m, nn.Identity) for m in model[1:6])
+    assert isinstance(model[6], bpext.nn.Dense)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), native(x))
+    per_layer = bpext.convert(copy.deepcopy(native), fuse_mlp=False)
+    assert not any(isinstance(m, bpext.nn.MLP) for m in per_layer)
+
+
+def test_bad_mlp_arguments():
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must have shape \(out, 5\) to follow the previous layer"):
+        bpext.functional.mlp(x, [torch.randn(5, 3), torch.randn(2, 4)])
+    with pytest.raises(RuntimeError, match="weights must hold at least one layer"):
+        torch.ops.bpext.mlp_forward(x, [], [], "relu", 0.0, 0.0, "identity", 0.0, 0.0, False)
+    with pytest.raises(ValueError, match="got 1 weights but 2 biases"):
+        bpext.functional.mlp(x, [torch.randn(5, 3)], [None, None])
