@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "bpext/checks.h"
+#include "bpext/mlp.h"
 
 namespace bpext {
 namespace {
@@ -30,47 +30,10 @@ c10::TypedOperatorHandle<Fn> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-bool saves_output(Activation a) {
-  return visit_activation(a, [](auto t) { return Act<decltype(t)::value, ScalarMath<float>>::kSavesOutput; });
-}
-
-// One layer's activation and parameters: hidden layers share one, the last has its own.
-struct LayerActivation {
-  std::string name;
-  Activation kind;
-  double p0, p1;
-};
-
-struct Network {
-  LayerActivation hidden, output;
-  const LayerActivation& of(size_t layer, size_t layers) const { return layer + 1 == layers ? output : hidden; }
-};
-
-Network parse_network(c10::string_view activation, double p0, double p1, c10::string_view output_activation,
-                      double q0, double q1, const char* op) {
-  return {{std::string(activation), parse_activation(activation, p0, p1, op), p0, p1},
-          {std::string(output_activation), parse_activation(output_activation, q0, q1, op), q0, q1}};
-}
-
-// x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or none
-void check_mlp_args(const at::Tensor& x, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
-                    const char* op) {
-  TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one layer");
-  TORCH_CHECK(biases.size() == weights.size(), op, ": biases must have one entry (a tensor or None) per layer: ",
-              show(static_cast<int64_t>(weights.size())), " weights, ", show(static_cast<int64_t>(biases.size())),
-              " biases");
-  int64_t width = x.dim() >= 1 ? x.size(-1) : -1;
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const at::Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == width, op, ": weights[", show(static_cast<int64_t>(l)),
-                "] must have shape (out, ", show(width), ") to follow the ", l == 0 ? "input" : "previous layer",
-                ", got ", show(w.sizes()));
-    width = w.size(0);
-  }
-}
+}  // namespace
 
 // x: (*, IN) -> y: (*, OUT), saved: one tensor per layer (empty where the layer needs none) when `save`
-std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x, at::TensorList weights,
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_layerwise(const at::Tensor& x, at::TensorList weights,
                                                             const c10::List<std::optional<at::Tensor>>& biases,
                                                             c10::string_view activation, double p0, double p1,
                                                             c10::string_view output_activation, double q0, double q1,
@@ -85,7 +48,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x,
   for (size_t l = 0; l < layers; ++l) {
     const LayerActivation& act = net.of(l, layers);
     const bool last = l + 1 == layers;
-    const bool keeps_y = act.kind == Activation::kIdentity || saves_output(act.kind);
+    const bool keeps_y = keeps_output(act.kind);
     auto [y, z] = dense_forward.call(a, weights[l], biases.get(l), act.name, act.p0, act.p1, save && !keeps_y);
     if (save) {
       // The last layer's y is the op's output, which the caller keeps itself.
@@ -98,7 +61,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x,
 }
 
 // grad_y: (*, OUT) -> grad_x: (*, IN) (or (0) unless input_grad), grad_weights[l], grad_biases[l] ((0) without bias)
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward_layerwise(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
     const c10::List<std::optional<at::Tensor>>& biases, at::TensorList saved, c10::string_view activation, double p0,
     double p1, c10::string_view output_activation, double q0, double q1, bool input_grad) {
@@ -110,7 +73,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   static const auto activation_forward = op_handle<ActivationForwardFn>("bpext::activation_forward");
   const size_t layers = weights.size();
   const LayerActivation& hidden = net.hidden;
-  const bool hidden_keeps_y = hidden.kind == Activation::kIdentity || saves_output(hidden.kind);
+  const bool hidden_keeps_y = keeps_output(hidden.kind);
   // The input of layer l: x, the previous layer's saved y, or act(z) recomputed.
   const auto layer_input = [&](size_t l) -> at::Tensor {
     if (l == 0) return x;
@@ -121,7 +84,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   for (size_t l = layers; l-- > 0;) {
     const LayerActivation& act = net.of(l, layers);
     const bool last = l + 1 == layers;
-    const bool keeps_y = act.kind == Activation::kIdentity || saves_output(act.kind);
+    const bool keeps_y = keeps_output(act.kind);
     const at::Tensor& s = last && keeps_y ? y : saved[l];
     const std::array<bool, 3> mask{l > 0 || input_grad, true, biases.get(l).has_value()};
     auto [gx, gw, gb] = dense_backward.call(g, layer_input(l), weights[l], s, act.name, act.p0, act.p1, mask);
@@ -132,11 +95,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   return {input_grad ? g : at::empty({0}, grad_y.options()), grad_weights, grad_biases};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(bpext, CompositeExplicitAutograd, m) {
-  m.impl("mlp_forward", &mlp_forward);
-  m.impl("mlp_backward", &mlp_backward);
+  m.impl("mlp_forward", &mlp_forward_layerwise);
+  m.impl("mlp_backward", &mlp_backward_layerwise);
 }
 
 }  // namespace bpext

@@ -165,3 +165,28 @@ def test_bad_mlp_arguments():
         torch.ops.bpext.mlp_forward(x, [], [], "relu", 0.0, 0.0, "identity", 0.0, 0.0, False)
     with pytest.raises(ValueError, match="got 1 weights but 2 biases"):
         bpext.functional.mlp(x, [torch.randn(5, 3)], [None, None])
+
+
+@pytest.mark.parametrize("widths", [[300, 8, 4], [8, 300, 4]], ids=str)
+def test_wide_networks_take_the_layerwise_path(widths):
+    """Widths over the CPU's fused limit (256) run layer by layer; results are the same function."""
+    compare(widths, resolve("gelu"), resolve("identity"), torch.float32, "cpu", batch=(70,))
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    torch.manual_seed(0)
+    model = bpext.nn.MLP(16, [32, 32], 8, activation="silu", output_activation="sigmoid")
+    x = torch.randn(1000, 16)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            y = model(x)
+            grads = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+            results.append((y, grads))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)

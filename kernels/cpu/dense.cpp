@@ -13,7 +13,7 @@
 
 #include "bpext/checks.h"
 #include "bpext/dense_backward.h"
-#include "vec_math.h"
+#include "dense_rows.h"
 
 namespace bpext::cpu {
 namespace {
@@ -25,32 +25,6 @@ constexpr int64_t kMinBlockRows = 64;
 // Rows per chunk of the bias-gradient reduction. A function of N alone, never of
 // the thread count, so the summation order (and the result, bitwise) is fixed.
 int64_t reduction_chunk_rows(int64_t n) { return std::max<int64_t>(8, (n + 63) / 64); }
-
-// acc: (OUT) GEMM row, bias: (OUT) or null -> z = acc + bias (back into acc when keep_z), y = act(z)
-template <class F, class T, class P>
-void bias_activation_row(T* acc, const T* bias, T* y, int64_t out_features, const P& params, bool keep_z) {
-  using IO = VecIO<T>;
-  for (int64_t j = 0; j < out_features; j += IO::kWidth) {
-    const int64_t n = std::min<int64_t>(IO::kWidth, out_features - j);
-    auto z = IO::load(acc + j, n);
-    if (bias != nullptr) z = z + IO::load(bias + j, n);
-    if (keep_z) IO::store(acc + j, z, n);
-    IO::store(y + j, F::forward(z, params), n);
-  }
-}
-
-// g, s: (OUT) rows -> dz = g * act'(s) (written when dz != null), db_acc += dz
-template <class F, class T, class O, class P>
-void grad_row(const T* g, const T* s, T* dz, O* db_acc, int64_t out_features, const P& params) {
-  using IO = VecIO<T>;
-  using V = typename IO::V;
-  for (int64_t j = 0; j < out_features; j += IO::kWidth) {
-    const int64_t n = std::min<int64_t>(IO::kWidth, out_features - j);
-    const auto d = F::backward(IO::load(g + j, n), s ? IO::load(s + j, n) : V(typename IO::O(0)), params);
-    if (dz != nullptr) IO::store(dz + j, d, n);
-    if (db_acc != nullptr) (V::loadu(db_acc + j, n) + d).store(db_acc + j, n);
-  }
-}
 
 // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact
 std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::Tensor& weight,
