@@ -69,9 +69,12 @@ void gemm_rows(const T* a, int64_t lda, const T* b, int64_t k_dim, int64_t n_dim
 // a: (rows, K), b: (K, N) -> c: (rows, N) = a b (or += when kAccumulate)
 template <bool kAccumulate, class T>
 void small_gemm(const T* a, int64_t lda, const T* b, int64_t k_dim, int64_t n_dim, T* c, int64_t ldc, int64_t rows) {
+  // 6 rows x 2 vectors: 12 accumulators, enough independent FMAs to hide their latency.
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) gemm_rows<4, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc);
+  for (; r + 6 <= rows; r += 6) gemm_rows<6, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc);
   switch (rows - r) {
+    case 5: gemm_rows<5, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc); break;
+    case 4: gemm_rows<4, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc); break;
     case 3: gemm_rows<3, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc); break;
     case 2: gemm_rows<2, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc); break;
     case 1: gemm_rows<1, kAccumulate>(a + r * lda, lda, b, k_dim, n_dim, c + r * ldc, ldc); break;
