@@ -34,18 +34,20 @@ def _nvidia_include_dirs():
     return sorted(set(d for d in found if os.path.isdir(d)))
 
 
+_SIMD_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
 def _cpu_simd_flags():
-    """AVX2+FMA+F16C lets at::vec use its Sleef-backed kernels; only when the build machine has them."""
-    if os.environ.get("BPEXT_NO_AVX2") == "1":
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return []
-    if all(f" {f}" in flags for f in ("avx2", "fma", "f16c")):
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return []
+    """The SIMD level torch itself runs at on this machine (its at::vec kernels, Sleef
+    included, then match ours); BPEXT_CPU_CAPABILITY=AVX512|AVX2|DEFAULT overrides."""
+    import torch
+
+    level = os.environ.get("BPEXT_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
+    return _SIMD_FLAGS.get(level.upper(), [])
 
 
 def _extension():

@@ -237,7 +237,7 @@ class Bench:
 def ratios(rows: list[Row]) -> list[dict]:
     """Per (suite, case, phase): native/bpext and compiled/bpext time ratios, saved-bytes ratio."""
     out = []
-    keys = sorted({(r.suite, r.case, r.phase) for r in rows}, key=lambda k: [r.suite for r in rows].index(k[0]))
+    keys = list(dict.fromkeys((r.suite, r.case, r.phase) for r in rows))  # in the order they ran
     for suite, case, phase in keys:
         group = {r.variant: r for r in rows if (r.suite, r.case, r.phase) == (suite, case, phase)}
         ours = group.get("bpext") or group.get("bpext-dense")
