@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 JOBS   ?= $(shell nproc)
 KERNEL_SOURCES := setup.py $(shell find kernels -type f)
 
-.PHONY: install demo test test-slow bench check gpu-check sanitize clean
+.PHONY: install demo test bench check gpu-check clean
 
 # torch (a CUDA build where the index serves one, so the CUDA kernels compile and link
 # even without a GPU) and the build tools first: setup.py imports torch.
@@ -27,10 +27,7 @@ demo: install
 	$(PY) -m bpext demo
 
 test: install
-	$(PY) -m pytest -q -m "not slow"
-
-test-slow: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q
 
 check: install
 	$(PY) -m bpext check

@@ -63,11 +63,7 @@ def _extension():
     # -fopenmp: at::parallel_for is inline and runs its loop in an OpenMP region (ATen's
     # backend); compiled without it, the region is silently serial.
     cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags()
-    sanitize = os.environ.get("BPEXT_SANITIZE", "")
     link = ["-fopenmp"]
-    if sanitize:
-        cxx += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
-        link += [f"-fsanitize={sanitize}"]
 
     if force_cpu:
         reason = "BPEXT_FORCE_CPU=1"
