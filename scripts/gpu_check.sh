@@ -26,7 +26,7 @@ if ! step build 300 env MAX_JOBS="$(nproc)" $PY -m pip install --no-build-isolat
   tail -n 40 "$OUT/build.log"; printf '%s\n' "${summary[@]}"; exit 1
 fi
 step errors 60 $PY -X faulthandler -m pytest -q -p no:cacheprovider tests/test_errors.py
-step tests 240 $PY -m pytest -q -p no:cacheprovider -n 8
+step tests 240 $PY -m pytest -q -m "not slow" -p no:cacheprovider -n 8
 step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/cuda_smoke.py
 [ "${SKIP_RACECHECK:-0}" = 1 ] || \
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 $PY scripts/cuda_smoke.py
