@@ -24,6 +24,13 @@ def activation_backward(
     return _ops.activation_backward.default(grad_y, saved, activation, p0, p1)
 
 
+def activation_double_backward(
+    grad_grad_x: torch.Tensor, grad_y: torch.Tensor, saved: torch.Tensor, activation: str, p0: float, p1: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of activation_backward -> (grad of grad_y, grad of saved), each (*)."""
+    return _ops.activation_double_backward.default(grad_grad_x, grad_y, saved, activation, p0, p1)
+
+
 def dense_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -105,6 +112,13 @@ def _(x, activation, p0, p1):
 def _(grad_y, saved, activation, p0, p1):
     torch._check(grad_y.shape == saved.shape, lambda: "bpext.activation_backward: grad_y and saved shapes differ")
     return grad_y.new_empty(grad_y.shape)
+
+
+@torch.library.register_fake("bpext::activation_double_backward")
+def _(grad_grad_x, grad_y, saved, activation, p0, p1):
+    torch._check(grad_y.shape == saved.shape == grad_grad_x.shape,
+                 lambda: "bpext.activation_double_backward: shapes differ")
+    return grad_y.new_empty(grad_y.shape), grad_y.new_empty(grad_y.shape)
 
 
 @torch.library.register_fake("bpext::dense_forward")

@@ -1,7 +1,7 @@
 """`python -m bpext check`: gradient checks of every op, activation, dtype and device.
 
-float64 runs torch.autograd.gradcheck on the real kernels and compares with native
-autograd; the other dtypes compare forward and backward with native at that dtype.
+float64 runs torch.autograd.gradcheck and gradgradcheck on the real kernels and compares
+with native autograd; the other dtypes compare forward and backward with native at that dtype.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class CheckResult:
     op: str
     activation: str
     dtype: torch.dtype
-    check: str  # "gradcheck" or "vs native"
+    check: str  # "gradcheck", "gradgrad" or "vs native"
     max_error: float  # largest |bpext - native| over outputs and gradients
     passed: bool
 
@@ -88,8 +88,10 @@ def run_checks(devices: list[str]) -> list[CheckResult]:
                     results.append(CheckResult(device, op, name, dtype, "vs native", err, ok))
                     if dtype == torch.float64:
                         leaves = tuple(t.detach().clone().requires_grad_(True) for t in inputs)
-                        passed = torch.autograd.gradcheck(fn, leaves, raise_exception=False)
-                        results.append(CheckResult(device, op, name, dtype, "gradcheck", err, passed))
+                        for check, run in (("gradcheck", torch.autograd.gradcheck),
+                                           ("gradgrad", torch.autograd.gradgradcheck)):
+                            passed = run(fn, leaves, raise_exception=False)
+                            results.append(CheckResult(device, op, name, dtype, check, err, passed))
     return results
 
 

@@ -9,11 +9,15 @@ from torch.autograd.function import once_differentiable
 from . import _ops
 from .activations import REGISTRY, ResolvedActivation, resolve
 
-__all__ = ["ActivationFunction", "DenseFunction", "MLPFunction", "activation", "dense", "mlp"]
+__all__ = ["ActivationFunction", "ActivationBackwardFunction", "DenseFunction", "MLPFunction", "activation", "dense", "mlp"]
 
 
 class ActivationFunction(torch.autograd.Function):
-    """y = act(x). Saves y or x, whichever the activation's derivative is computed from."""
+    """y = act(x). Saves y or x, whichever the activation's derivative is computed from.
+
+    Its backward is itself differentiable (ActivationBackwardFunction), so second
+    derivatives (gradgradcheck, gradient penalties) work.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, activation: str, p0: float, p1: float) -> torch.Tensor:
@@ -24,42 +28,126 @@ class ActivationFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         (saved,) = ctx.saved_tensors
-        return _ops.activation_backward(grad_y, saved, *ctx.activation), None, None, None
+        return ActivationBackwardFunction.apply(grad_y, saved, *ctx.activation), None, None, None
 
 
-class DenseFunction(torch.autograd.Function):
-    """y = act(x @ weight.T + bias), bias and activation fused into the GEMM's epilogue.
+class ActivationBackwardFunction(torch.autograd.Function):
+    """grad_x = grad_y * act'(s), differentiable in grad_y and in the saved s (y or x).
 
-    Saves x only when the weight needs a gradient, and one of y or the pre-activation
-    z (per the activation's policy; nothing for identity) only when any gradient is needed.
+    When s is the output y, autograd carries its gradient on through y's own graph.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation: str, p0: float, p1: float) -> torch.Tensor:
+    def forward(ctx, grad_y: torch.Tensor, saved: torch.Tensor, activation: str, p0: float, p1: float):
+        ctx.activation = (activation, p0, p1)
+        ctx.save_for_backward(grad_y, saved)
+        return _ops.activation_backward(grad_y, saved, activation, p0, p1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_grad_x: torch.Tensor):
+        grad_y, saved = ctx.saved_tensors
+        grad_grad_y, grad_saved = _ops.activation_double_backward(grad_grad_x, grad_y, saved, *ctx.activation)
+        needs = ctx.needs_input_grad
+        return (grad_grad_y if needs[0] else None, grad_saved if needs[1] else None, None, None, None)
+
+
+class DenseFunction(torch.autograd.Function):
+    """(y, z) = (act(x @ weight.T + bias), x @ weight.T + bias), bias and activation fused
+    into the GEMM's epilogue; z is (0) unless backward reads it (``dense`` returns y only).
+
+    Saves x only when the weight needs a gradient, and one of y or z (per the
+    activation's policy; nothing for identity) only when any gradient is needed. z is an
+    output so that double backward can send a gradient into it: its backward is
+    differentiable (DenseBackwardFunction).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation: str, p0: float, p1: float):
         needs = ctx.needs_input_grad[:3]
         training = any(needs)
         saves_output = REGISTRY[activation].saves_output
         y, preact = _ops.dense_forward(x, weight, bias, activation, p0, p1, training and not saves_output)
         ctx.activation = (activation, p0, p1)
         ctx.has_bias = bias is not None
+        ctx.set_materialize_grads(False)
+        # z carries gradients only for eager double backward; compiled graphs would
+        # otherwise send it zeros on every step.
+        ctx.preact_differentiable = preact.numel() > 0 and not torch.compiler.is_compiling()
+        if not ctx.preact_differentiable:
+            ctx.mark_non_differentiable(preact)
         if training:
             saved = None if activation == "identity" else (y if saves_output else preact)
             ctx.save_for_backward(x if needs[1] else None, weight, saved)
-        return y
+        return y, preact
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_preact):
+        x, weight, saved = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = (needs[0], needs[1], needs[2] and ctx.has_bias)
+        if not ctx.preact_differentiable:
+            grad_preact = None
+        if grad_y is None and grad_preact is None:
+            return None, None, None, None, None, None
+        if grad_preact is None:  # the usual case
+            if saved is None:  # identity: backward reads nothing saved
+                saved = grad_y.new_empty(0)
+            grads = DenseBackwardFunction.apply(grad_y, x, weight, saved, *ctx.activation, mask)
+        else:  # a gradient arriving at z: only in double backward, through the saved z
+            dz = grad_preact
+            if grad_y is not None:
+                dz = dz + _ops.activation_backward(grad_y, saved, *ctx.activation)
+            grads = _ops.dense_backward(dz, x, weight, dz.new_empty(0), "identity", 0.0, 0.0, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
+
+
+class DenseBackwardFunction(torch.autograd.Function):
+    """(grad_x, grad_weight, grad_bias) of a dense layer, differentiable in grad_y, x,
+    weight and the saved y or z: with dz = grad_y * act'(s),
+    grad_x = dz W, grad_weight = dz^T x, grad_bias = sum(dz)."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, saved, activation: str, p0: float, p1: float, mask):
+        ctx.activation = (activation, p0, p1)
+        ctx.mask = mask
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_y, x, weight, saved)
+        return _ops.dense_backward(grad_y, x, weight, saved, activation, p0, p1, mask)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor):
-        x, weight, saved = ctx.saved_tensors
-        if saved is None:  # identity: backward reads nothing saved
-            saved = grad_y.new_empty(0)
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        grad_y, x, weight, saved = ctx.saved_tensors
+        identity = ctx.activation[0] == "identity"
+        out_features, in_features = weight.shape
+        g2 = grad_y.reshape(-1, out_features)
+        s2 = None if identity else saved.reshape(-1, out_features)
+        x2 = x.reshape(-1, in_features) if x is not None else None
+        gg_x = gg_x if ctx.mask[0] else None
+        gg_weight = gg_weight if ctx.mask[1] else None
+        gg_bias = gg_bias if ctx.mask[2] else None
+        # The gradient reaching dz from the three outputs.
+        g_dz = g2.new_zeros(g2.shape)
+        if gg_x is not None:  # grad_x = dz W
+            g_dz = g_dz + gg_x.reshape(-1, in_features) @ weight.t()
+        if gg_weight is not None:  # grad_weight = dz^T x
+            g_dz = g_dz + x2 @ gg_weight.t()
+        if gg_bias is not None:  # grad_bias = sum over rows of dz
+            g_dz = g_dz + gg_bias
+        dz = g2 if identity else _ops.activation_backward(g2, s2, *ctx.activation)
+        if identity:
+            grad_grad_y, grad_saved = g_dz, None
+        else:
+            grad_grad_y, grad_saved = _ops.activation_double_backward(g_dz, g2, s2, *ctx.activation)
         needs = ctx.needs_input_grad
-        mask = (needs[0], needs[1], needs[2] and ctx.has_bias)
-        grads = _ops.dense_backward(grad_y, x, weight, saved, *ctx.activation, mask)
-        return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
+        grad_x = (dz @ gg_weight).reshape(x.shape) if needs[1] and gg_weight is not None else None
+        grad_weight = dz.t() @ gg_x.reshape(-1, in_features) if needs[2] and gg_x is not None else None
+        return (grad_grad_y.reshape(grad_y.shape) if needs[0] else None, grad_x, grad_weight,
+                grad_saved.reshape(saved.shape) if needs[3] and grad_saved is not None else None,
+                None, None, None, None)
 
 
 class MLPFunction(torch.autograd.Function):
@@ -86,8 +174,11 @@ class MLPFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
+        if torch.is_grad_enabled():  # backward with create_graph=True
+            raise RuntimeError(
+                "bpext.MLP does not support double backward yet; for gradient penalties use per-layer "
+                "Dense (bpext.convert(model, fuse_mlp=False)), which does")
         n = ctx.n_layers
         x, y, *rest = ctx.saved_tensors
         y = y if y is not None else grad_y.new_empty(0)
@@ -140,7 +231,8 @@ def dense(
     """
     act = _resolved(activation, params)
     x, (weight,), (bias,) = _autocast(x, [weight], [bias])
-    return DenseFunction.apply(x, weight, bias, act.name, act.p0, act.p1)
+    y, _ = DenseFunction.apply(x, weight, bias, act.name, act.p0, act.p1)
+    return y
 
 
 def mlp(

@@ -27,6 +27,11 @@ TORCH_LIBRARY(bpext, m) {
   m.def("activation_forward(Tensor x, str activation, float p0, float p1) -> Tensor");
   // grad_y, saved: (*) -> grad_x: (*); saved is y or z, as the activation's policy says
   m.def("activation_backward(Tensor grad_y, Tensor saved, str activation, float p0, float p1) -> Tensor");
+  // The backward of activation_backward: grad_grad_x, grad_y, saved: (*)
+  //   -> grad of grad_y = grad_grad_x * act'(s), grad of saved = grad_grad_x * grad_y * d act'(s) / ds
+  m.def(
+      "activation_double_backward(Tensor grad_grad_x, Tensor grad_y, Tensor saved, str activation, float p0, "
+      "float p1) -> (Tensor, Tensor)");
   // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact
   m.def(
       "dense_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float p0, float p1, "

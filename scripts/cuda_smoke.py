@@ -1,6 +1,7 @@
 """Every CUDA kernel of bpext once, on small tensors, for compute-sanitizer (memcheck, racecheck).
 
-Covers each activation forward and backward (packed and unaligned/tail paths) and dense
+Covers each activation forward, backward and double backward (packed and unaligned/tail
+paths) and dense
 forward and backward in every dtype (packed and unpacked widths, both epilogue paths)."""
 
 import torch
@@ -16,7 +17,8 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             x = torch.randn(n + 1, device="cuda", dtype=dtype)[1:].requires_grad_(True)  # unaligned
             bpext.functional.activation(x, name).sum().backward()
             x = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True)
-            bpext.functional.activation(x, name).sum().backward()
+            (g,) = torch.autograd.grad(bpext.functional.activation(x, name).sum(), x, create_graph=True)
+            g.sum().backward()  # activation_double_backward
         for fout in (64, 37):
             for lt in (True, False):
                 previous = _ops.set_cublaslt_epilogue(lt)

@@ -86,11 +86,3 @@ def test_device_mix_errors():
         F.dense(x.cuda(), w.cpu())
     with pytest.raises(RuntimeError, match="must be on the device"):
         F.dense(x, w)
-
-
-def test_double_backward_is_refused_clearly():
-    x = torch.randn(3, 4, requires_grad=True)
-    w = torch.randn(2, 4, requires_grad=True)
-    (gx,) = torch.autograd.grad(F.dense(x, w, activation="tanh").sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        gx.sum().backward()

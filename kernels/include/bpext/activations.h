@@ -4,6 +4,8 @@
 //   forward(z)      -> y = act(z)
 //   backward(g, s)  -> dz = g * act'(.), where s is the tensor the activation saves:
 //                      the output y when kSavesOutput, else the pre-activation z.
+//   second(s)       -> d act'(.) / ds, the derivative of backward's factor with respect
+//                      to the saved tensor (for double backward).
 // M is a math policy: ScalarMath<T> below (one element, host and device) or the
 // CPU's VecMath<T> (one SIMD vector, kernels/cpu/vec_math.h). A formula only uses
 // M's functions, arithmetic operators and M::c(constant), so the same text runs as
@@ -78,6 +80,7 @@ struct Act<Activation::kIdentity, M> {
   static constexpr bool kSavesOutput = true;
   BPEXT_HD static V forward(V z, const Params<V>&) { return z; }
   BPEXT_HD static V backward(V g, V, const Params<V>&) { return g; }
+  BPEXT_HD static V second(V, const Params<V>&) { return M::c(0); }
 };
 
 template <class M>
@@ -88,6 +91,7 @@ struct Act<Activation::kRelu, M> {
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::select(M::lt(z, M::c(0)), M::c(0), z); }
   // Like ATen's threshold_backward: the gradient is 0, not g * 0, where y <= 0.
   BPEXT_HD static V backward(V g, V y, const Params<V>&) { return M::select(M::le(y, M::c(0)), M::c(0), g); }
+  BPEXT_HD static V second(V, const Params<V>&) { return M::c(0); }
 };
 
 template <class M>
@@ -96,6 +100,7 @@ struct Act<Activation::kLeakyRelu, M> {
   static constexpr bool kSavesOutput = true;  // valid because negative_slope >= 0 is enforced
   BPEXT_HD static V forward(V z, const Params<V>& p) { return M::select(M::gt(z, M::c(0)), z, z * p.p0); }
   BPEXT_HD static V backward(V g, V y, const Params<V>& p) { return M::select(M::gt(y, M::c(0)), g, g * p.p0); }
+  BPEXT_HD static V second(V, const Params<V>&) { return M::c(0); }
 };
 
 template <class M>
@@ -109,6 +114,8 @@ struct Act<Activation::kElu, M> {
   BPEXT_HD static V backward(V g, V y, const Params<V>& p) {
     return M::select(M::le(y, M::c(0)), g * (y + p.p0), g);
   }
+  // d/dy (y + alpha) = 1 where y <= 0
+  BPEXT_HD static V second(V y, const Params<V>&) { return M::select(M::le(y, M::c(0)), M::c(1), M::c(0)); }
 };
 
 template <class M>
@@ -121,9 +128,11 @@ struct Act<Activation::kGelu, M> {
   BPEXT_HD static V forward(V z, const Params<V>&) { return z * cdf(z); }
   // d/dz z*Phi(z) = Phi(z) + z*phi(z)
   BPEXT_HD static V backward(V g, V z, const Params<V>&) {
-    V pdf = M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi);
-    return g * (cdf(z) + z * pdf);
+    return g * (cdf(z) + z * pdf(z));
   }
+  BPEXT_HD static V pdf(V z) { return M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi); }
+  // d/dz (Phi + z*phi) = 2*phi - z^2*phi
+  BPEXT_HD static V second(V z, const Params<V>&) { return pdf(z) * (M::c(2) - z * z); }
 };
 
 template <class M>
@@ -141,6 +150,13 @@ struct Act<Activation::kGeluTanh, M> {
     V dinner = M::c(kBeta) * (M::c(1) + M::c(3 * kKappa) * z * z);
     return g * (M::c(0.5) * (M::c(1) + t) + M::c(0.5) * z * (M::c(1) - t * t) * dinner);
   }
+  // d/dz of the factor above: (1 - t^2) * (u + z/2 * (u' - 2 t u^2)), u = inner'(z)
+  BPEXT_HD static V second(V z, const Params<V>&) {
+    V t = M::tanh(inner(z));
+    V u = M::c(kBeta) * (M::c(1) + M::c(3 * kKappa) * z * z);
+    V du = M::c(6 * kBeta * kKappa) * z;
+    return (M::c(1) - t * t) * (u + M::c(0.5) * z * (du - M::c(2) * t * u * u));
+  }
 };
 
 template <class M>
@@ -149,6 +165,7 @@ struct Act<Activation::kSigmoid, M> {
   static constexpr bool kSavesOutput = true;
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::c(1) / (M::c(1) + M::exp(M::c(0) - z)); }
   BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * y * (M::c(1) - y); }
+  BPEXT_HD static V second(V y, const Params<V>&) { return M::c(1) - M::c(2) * y; }
 };
 
 template <class M>
@@ -162,6 +179,11 @@ struct Act<Activation::kSilu, M> {
     V s = Sigmoid::forward(z, p);
     return g * s * (M::c(1) + z * (M::c(1) - s));
   }
+  // s(1 - s)(2 + z(1 - 2s))
+  BPEXT_HD static V second(V z, const Params<V>& p) {
+    V s = Sigmoid::forward(z, p);
+    return s * (M::c(1) - s) * (M::c(2) + z * (M::c(1) - M::c(2) * s));
+  }
 };
 
 template <class M>
@@ -170,6 +192,7 @@ struct Act<Activation::kTanh, M> {
   static constexpr bool kSavesOutput = true;
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::tanh(z); }
   BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * (M::c(1) - y * y); }
+  BPEXT_HD static V second(V y, const Params<V>&) { return M::c(-2) * y; }
 };
 
 template <class M>
@@ -183,6 +206,12 @@ struct Act<Activation::kMish, M> {
   BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
     V t = tanh_softplus(z);
     return g * (t + z * Sigmoid::forward(z, p) * (M::c(1) - t * t));
+  }
+  // (1 - t^2) * sigmoid * (2 + z * (1 - sigmoid - 2 t sigmoid))
+  BPEXT_HD static V second(V z, const Params<V>& p) {
+    V t = tanh_softplus(z);
+    V s = Sigmoid::forward(z, p);
+    return (M::c(1) - t * t) * s * (M::c(2) + z * (M::c(1) - s - M::c(2) * t * s));
   }
 };
 
@@ -201,6 +230,12 @@ struct Act<Activation::kSoftplus, M> {
   BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
     V zb = z * p.p0;
     return M::select(M::gt(zb, p.p1), g, g * Sigmoid::forward(zb, p));
+  }
+  // d/dz sigmoid(beta z) = beta s (1 - s) below the threshold, 0 above it
+  BPEXT_HD static V second(V z, const Params<V>& p) {
+    V zb = z * p.p0;
+    V s = Sigmoid::forward(zb, p);
+    return M::select(M::gt(zb, p.p1), M::c(0), p.p0 * s * (M::c(1) - s));
   }
 };
 

@@ -104,6 +104,16 @@ inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const c
               ", got ", show(t.sizes()));
 }
 
+// grad_grad_x, grad_y, saved: (*), one dtype and device
+inline void check_double_backward_args(const at::Tensor& grad_grad_x, const at::Tensor& grad_y,
+                                       const at::Tensor& saved, const char* op) {
+  check_floating(grad_y, op, "grad_y");
+  check_same_dtype_device(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
+  check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
+  check_same_shape(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
+  check_same_shape(grad_y, saved, op, "grad_y", "saved");
+}
+
 // x: (*, IN), weight: (OUT, IN), bias: (OUT)
 inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const char* op) {
