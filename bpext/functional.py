@@ -30,7 +30,9 @@ class ActivationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         (saved,) = ctx.saved_tensors
-        return ActivationBackwardFunction.apply(grad_y, saved, *ctx.activation), None, None, None
+        # Building a graph of the backward (create_graph=True) only when one is asked for.
+        backward = ActivationBackwardFunction.apply if torch.is_grad_enabled() else _ops.activation_backward
+        return backward(grad_y, saved, *ctx.activation), None, None, None
 
 
 class ActivationBackwardFunction(torch.autograd.Function):
@@ -95,7 +97,8 @@ class DenseFunction(torch.autograd.Function):
         if grad_preact is None:  # the usual case
             if saved is None:  # identity: backward reads nothing saved
                 saved = grad_y.new_empty(0)
-            grads = DenseBackwardFunction.apply(grad_y, x, weight, saved, *ctx.activation, mask)
+            backward = DenseBackwardFunction.apply if torch.is_grad_enabled() else _ops.dense_backward
+            grads = backward(grad_y, x, weight, saved, *ctx.activation, mask)
         else:  # a gradient arriving at z: only in double backward, through the saved z
             dz = grad_preact
             if grad_y is not None:
