@@ -1,5 +1,6 @@
 """Autograd functions and the functional API. Forward and backward call only
-torch.ops.bpext.* (through bpext._ops); each saves the least backward needs."""
+torch.ops.bpext.* (through bpext._ops); each saves the least backward needs. Double
+backward, which only create_graph=True reaches, composes bpext ops with matrix products."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from torch.autograd.function import once_differentiable
 from . import _ops
 from .activations import REGISTRY, ResolvedActivation, resolve
 
-__all__ = ["ActivationFunction", "ActivationBackwardFunction", "DenseFunction", "MLPFunction", "activation", "dense", "mlp"]
+__all__ = [
+    "ActivationFunction", "ActivationBackwardFunction", "DenseFunction", "DenseBackwardFunction", "MLPFunction",
+    "activation", "dense", "mlp",
+]
 
 
 class ActivationFunction(torch.autograd.Function):
