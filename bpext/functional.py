@@ -161,8 +161,10 @@ class MLPFunction(torch.autograd.Function):
     """A whole multi-layer perceptron: ``act_out(L_n(...act(L_1(x))))`` in one op each way.
 
     Keeps one tensor per layer (y where the derivative follows from it, else z) plus x
-    and the output; backward recomputes act(z) where it needs a layer's input.
-    ``params`` are the n_layers weights followed by the n_layers biases (None allowed).
+    and the output; backward recomputes act(z) where it needs a layer's input. Under
+    create_graph=True, backward differentiates the same network built from Dense layers,
+    so second derivatives work too. ``params`` are the n_layers weights followed by the
+    n_layers biases (None allowed).
     """
 
     @staticmethod
@@ -177,26 +179,42 @@ class MLPFunction(torch.autograd.Function):
         if training:
             # The output is needed only when the last activation's derivative comes from it.
             keep_y = output_activation != "identity" and REGISTRY[output_activation].saves_output
-            ctx.save_for_backward(x, y if keep_y else None, *weights, *saved)
+            # The biases (parameters, no extra memory) only for double backward's rebuild.
+            ctx.save_for_backward(x, y if keep_y else None, *weights, *biases, *saved)
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        if torch.is_grad_enabled():  # backward with create_graph=True
-            raise RuntimeError(
-                "bpext.MLP does not support double backward yet; for gradient penalties use per-layer "
-                "Dense (bpext.convert(model, fuse_mlp=False)), which does")
         n = ctx.n_layers
         x, y, *rest = ctx.saved_tensors
-        y = y if y is not None else grad_y.new_empty(0)
-        weights, saved = rest[:n], rest[n:]
-        biases = [grad_y.new_empty(0) if has else None for has in ctx.has_bias]  # only presence matters
+        weights, biases, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
         needs = ctx.needs_input_grad
-        grad_x, grad_w, grad_b = _ops.mlp_backward(grad_y, x, y, weights, biases, saved, *ctx.config, needs[0])
         first = 8  # index of the first weight among forward's inputs
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_mlp_grads(grad_y, x, weights, biases, ctx.config, needs[0], needs[first:])
+            return (grads[0], None, None, None, None, None, None, None, *grads[1:])
+        y = y if y is not None else grad_y.new_empty(0)
+        grad_x, grad_w, grad_b = _ops.mlp_backward(grad_y, x, y, weights, biases, saved, *ctx.config, needs[0])
         grad_w = [g if needs[first + i] else None for i, g in enumerate(grad_w)]
-        grad_b = [g if has and needs[first + n + i] else None for i, (g, has) in enumerate(zip(grad_b, ctx.has_bias))]
+        grad_b = [g if b is not None and needs[first + n + i] else None for i, (g, b) in enumerate(zip(grad_b, biases))]
         return (grad_x if needs[0] else None, None, None, None, None, None, None, None, *grad_w, *grad_b)
+
+
+def _differentiable_mlp_grads(grad_y, x, weights, biases, config, x_needs_grad, params_need_grad):
+    """The gradients of an MLP as a graph in grad_y, x and the parameters (for double backward):
+    rebuilds the network from Dense layers, whose backward is differentiable, and
+    differentiates that. Returns (grad_x, *grad_weights, *grad_biases), None where not needed."""
+    activation, p0, p1, output_activation, q0, q1 = config
+    inputs = [x, *weights, *biases]
+    wanted = [x_needs_grad, *params_need_grad]
+    with torch.enable_grad():
+        h = x
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            act = (output_activation, q0, q1) if i + 1 == len(weights) else (activation, p0, p1)
+            h, _ = DenseFunction.apply(h, w, b, *act)
+        needed = [t for t, want in zip(inputs, wanted) if want and t is not None]
+        grads = iter(torch.autograd.grad(h, needed, grad_y, create_graph=True))
+    return [next(grads) if want and t is not None else None for t, want in zip(inputs, wanted)]
 
 
 def _resolved(activation: str | ResolvedActivation, params: dict) -> ResolvedActivation:

@@ -50,11 +50,14 @@ def test_opcheck_double_backward(device):
                               (rnd(3, 4), rnd(3, 4), rnd(3, 4), act, p0, p1))
 
 
-def test_gradient_penalty_training_matches_native():
+@pytest.mark.parametrize("fuse_mlp", [False, True], ids=["dense", "mlp"])
+def test_gradient_penalty_training_matches_native(fuse_mlp):
     """Fit f(x) = sin(3x) and f'(x) = 3 cos(3x) (a physics-style loss on the input gradient)."""
     torch.manual_seed(0)
-    native = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 1)).double()
-    ours = bpext.convert(copy.deepcopy(native), fuse_mlp=False)
+    second = nn.Tanh() if fuse_mlp else nn.GELU()  # an MLP has one hidden activation
+    native = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), second, nn.Linear(32, 1)).double()
+    ours = bpext.convert(copy.deepcopy(native), fuse_mlp=fuse_mlp)
+    assert isinstance(ours[0], bpext.nn.MLP if fuse_mlp else bpext.nn.Dense)
     x = torch.linspace(-1, 1, 64, dtype=torch.float64).unsqueeze(1)
     losses = {}
     for key, model in (("native", native), ("bpext", ours)):
@@ -74,8 +77,35 @@ def test_gradient_penalty_training_matches_native():
     assert losses["bpext"][-1] < 0.5 * losses["bpext"][0]
 
 
-def test_mlp_double_backward_is_refused_clearly():
-    mlp = bpext.nn.MLP(3, [4], 2, activation="tanh")
-    x = torch.randn(5, 3, requires_grad=True)
-    with pytest.raises(RuntimeError, match="MLP does not support double backward yet"):
-        torch.autograd.grad(mlp(x).sum(), x, create_graph=True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hidden,output", [("tanh", "identity"), ("gelu", "sigmoid"), ("silu", "softplus"),
+                                           ("elu", "tanh")])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_mlp_gradgradcheck(device, hidden, output, bias):
+    x = away_from_kinks(5, 3, device=device)
+    ws = [away_from_kinks(4, 3, device=device, seed=1), away_from_kinks(2, 4, device=device, seed=2)]
+    bs = [away_from_kinks(4, device=device, seed=3), away_from_kinks(2, device=device, seed=4)] if bias else []
+
+    def fn(x, *params):
+        return bpext.functional.mlp(x, list(params[:2]), list(params[2:]) or None, hidden, output)
+
+    assert torch.autograd.gradgradcheck(fn, (x, *ws, *bs))
+
+
+def test_mlp_double_backward_only_where_asked():
+    """A gradient penalty on the input gradient reaches exactly the tensors that require grad."""
+    torch.manual_seed(0)
+    ours = bpext.nn.MLP(3, [4, 4], 2, activation="gelu", dtype=torch.float64)
+    ours.layers[1].bias.requires_grad_(False)
+    native = copy.deepcopy(ours.to_sequential())
+    results = []
+    for model in (ours, native):
+        x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        (dx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        dx.pow(2).sum().backward()
+        results.append([x.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    assert ours.layers[1].bias.grad is None
