@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 JOBS   ?= $(shell nproc)
 KERNEL_SOURCES := setup.py $(shell find kernels -type f)
 
-.PHONY: install demo test test-slow bench check gpu-check clean
+.PHONY: install demo test test-slow sanitize bench check gpu-check clean
 
 # torch (a CUDA build where the index serves one, so the CUDA kernels compile and link
 # even without a GPU) and the build tools first: setup.py imports torch.
@@ -32,6 +32,10 @@ test: install
 # Tests marked slow (tensors past 2^31 elements: about 13 GB of memory).
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# The test suite against CPU kernels built with AddressSanitizer and UBSan (build/sanitize).
+sanitize: install
+	JOBS=$(JOBS) bash scripts/sanitize.sh
 
 check: install
 	$(PY) -m bpext check

@@ -50,6 +50,14 @@ def _cpu_simd_flags():
     return _SIMD_FLAGS.get(level.upper(), [])
 
 
+def _sanitizer_flags():
+    """BPEXT_SANITIZE=1 (make sanitize): AddressSanitizer and UndefinedBehaviorSanitizer,
+    every finding fatal, for the CPU kernels."""
+    if os.environ.get("BPEXT_SANITIZE", "0") != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
 def _extension():
     force_cpu = os.environ.get("BPEXT_FORCE_CPU", "0") == "1"
     if not force_cpu:
@@ -62,8 +70,8 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "kernels", "include")]
     # -fopenmp: at::parallel_for is inline and runs its loop in an OpenMP region (ATen's
     # backend); compiled without it, the region is silently serial.
-    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags()
-    link = ["-fopenmp"]
+    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags() + _sanitizer_flags()
+    link = ["-fopenmp"] + _sanitizer_flags()
 
     if force_cpu:
         reason = "BPEXT_FORCE_CPU=1"

@@ -20,7 +20,8 @@ from .nn import convert  # noqa: E402
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "convert", "functional", "nn", "resolve", "has_cuda_kernels", "__version__"]
 
-OPS = ("activation_forward", "activation_backward", "dense_forward", "dense_backward")
+# The ops with a kernel per device (the MLP ops fall back to these where a device has no own kernel).
+OPS = ("activation_forward", "activation_backward", "activation_double_backward", "dense_forward", "dense_backward")
 
 
 def has_cuda_kernels() -> bool:

@@ -41,15 +41,6 @@ def test_dense_gradgradcheck(device, name, shape, bias):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_double_backward(device):
-    g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
-    for act, p0, p1 in (("gelu", 0.0, 0.0), ("tanh", 0.0, 0.0), ("softplus", 2.0, 5.0)):
-        torch.library.opcheck(torch.ops.bpext.activation_double_backward.default,
-                              (rnd(3, 4), rnd(3, 4), rnd(3, 4), act, p0, p1))
-
-
 @pytest.mark.parametrize("fuse_mlp", [False, True], ids=["dense", "mlp"])
 def test_gradient_penalty_training_matches_native(fuse_mlp):
     """Fit f(x) = sin(3x) and f'(x) = 3 cos(3x) (a physics-style loss on the input gradient)."""

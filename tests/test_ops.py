@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ def op_samples(device):
         z = rnd(3, 7)
         samples.append((OPS.activation_forward.default, (z, act, p0, p1)))
         samples.append((OPS.activation_backward.default, (rnd(3, 7), z, act, p0, p1)))
+        samples.append((OPS.activation_double_backward.default, (rnd(3, 7), rnd(3, 7), z, act, p0, p1)))
         for x in (x2, x3):
             saves_y = bpext.activations.REGISTRY[act].saves_output
             for bias in (b, None):
@@ -47,6 +50,8 @@ def test_cuda_kernels_built_with_cuda_torch():
 
     if torch.version.cuda is None or CUDA_HOME is None:
         pytest.skip("CPU-only torch or no CUDA toolkit: CUDA kernels are not expected")
+    if os.environ.get("BPEXT_FORCE_CPU") == "1":
+        pytest.skip("BPEXT_FORCE_CPU=1: built with the CPU kernels only, on purpose")
     missing = [op for op in bpext.OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bpext::{op}", "CUDA")]
     assert not missing, f"bpext._C lacks CUDA kernels for {missing}; was it built with BPEXT_FORCE_CPU=1?"
     assert bpext.has_cuda_kernels()
