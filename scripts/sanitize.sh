@@ -8,9 +8,11 @@ PY="$ROOT/${VENV:-.venv}/bin/python"
 COPY="$ROOT/build/sanitize"
 
 mkdir -p "$COPY"
-# The tracked files and the untracked ones git does not ignore, as they are now.
-git ls-files -z --cached --others --exclude-standard \
-  | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$COPY"
+# The tracked files and the untracked ones git does not ignore, as they are now; a file
+# is copied (with a new time stamp, for ninja) only where the copy differs.
+git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' f; do
+  if [ -f "$f" ] && ! cmp -s "$f" "$COPY/$f"; then mkdir -p "$COPY/$(dirname "$f")"; cp "$f" "$COPY/$f"; fi
+done
 
 cd "$COPY"
 export BPEXT_FORCE_CPU=1  # CPU kernels only; the build and the tests both read it
