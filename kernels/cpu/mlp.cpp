@@ -14,6 +14,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <vector>
 
 #include "bpext/mlp.h"
@@ -42,18 +43,22 @@ void gemm_rows(const T* a, int64_t lda, const T* b, int64_t k_dim, int64_t n_dim
   for (int64_t n0 = 0; n0 < n_dim; n0 += 2 * W) {
     const int64_t c0 = std::min<int64_t>(W, n_dim - n0);
     const int64_t c1 = std::clamp<int64_t>(n_dim - n0 - W, 0, W);
+    // The loops over kRows are unrolled so that the accumulators stay in registers.
     V acc[kRows][2];
+#pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = V(T(0));
     for (int64_t k = 0; k < k_dim; ++k) {
       const T* brow = b + k * n_dim + n0;
       const V b0 = V::loadu(brow, c0);
       const V b1 = c1 > 0 ? V::loadu(brow + W, c1) : V(T(0));
+#pragma GCC unroll 8
       for (int i = 0; i < kRows; ++i) {
         const V ai(a[i * lda + k]);
         acc[i][0] = at::vec::fmadd(ai, b0, acc[i][0]);
         acc[i][1] = at::vec::fmadd(ai, b1, acc[i][1]);
       }
     }
+#pragma GCC unroll 8
     for (int i = 0; i < kRows; ++i) {
       T* crow = c + i * ldc + n0;
       if (kAccumulate) {
@@ -82,11 +87,16 @@ void small_gemm(const T* a, int64_t lda, const T* b, int64_t k_dim, int64_t n_di
   }
 }
 
-// src: (rows, cols) -> dst: (cols, rows)
+// src: (rows, cols) -> dst: (cols, rows), in 16x16 SIMD tiles where the CPU has them
 template <class T>
 void transpose(const T* src, int64_t rows, int64_t cols, T* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+  at::vec::transpose_mxn<T>(src, cols, dst, rows, static_cast<int>(rows), static_cast<int>(cols));
+}
+
+// n elements of scratch memory, left uninitialized.
+template <class T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
 }
 
 template <class T>
@@ -94,29 +104,39 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
 }
 
-// The network's shapes and tensors, as row-major pointers.
+// The network's shapes and parameters, as row-major pointers.
 template <class T>
 struct Layers {
   std::vector<int64_t> width;         // width[0] = in_features, width[l + 1] = layer l's outputs
-  std::vector<at::Tensor> weight_t;   // weights[l].T, contiguous: (W[l], W[l+1])
   std::vector<at::Tensor> weight;     // weights[l], contiguous: (W[l+1], W[l])
+  std::vector<const T*> weight_t;     // weights[l].T: (W[l], W[l+1]), in weight_t_buf (forward only)
+  std::unique_ptr<T[]> weight_t_buf;
   std::vector<const T*> bias;         // null without bias (or when only its presence was passed)
-  std::vector<bool> has_bias;         // backward receives biases for their presence only
+  std::vector<bool> has_bias;
   std::vector<at::Tensor> bias_keep;  // keeps contiguous biases alive
   int64_t max_width = 0;
 
   Layers(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases, bool transposed) {
     width.push_back(weights[0].size(1));
+    size_t weight_elements = 0;
     for (size_t l = 0; l < weights.size(); ++l) {
       width.push_back(weights[l].size(0));
-      if (transposed) weight_t.push_back(weights[l].t().contiguous());
       weight.push_back(weights[l].contiguous());
+      weight_elements += weights[l].numel();
       const auto b = biases.get(l);
       has_bias.push_back(b.has_value());
       bias_keep.push_back(b.has_value() ? b->contiguous() : at::Tensor());
       bias.push_back(ptr_or_null<T>(bias_keep.back()));
     }
     max_width = *std::max_element(width.begin(), width.end());
+    if (!transposed) return;
+    weight_t_buf = scratch<T>(weight_elements);
+    T* dst = weight_t_buf.get();
+    for (size_t l = 0; l < weights.size(); ++l) {
+      transpose(weight[l].template const_data_ptr<T>(), width[l + 1], width[l], dst);
+      weight_t.push_back(dst);
+      dst += width[l] * width[l + 1];
+    }
   }
   size_t size() const { return weight.size(); }
 };
@@ -152,8 +172,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x,
     const T* xp = x2.const_data_ptr<T>();
     T* yp = y.mutable_data_ptr<T>();
     const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
+    const int64_t block_elements = std::min(kBlockRows, rows) * layers.max_width;
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> z_buf(kBlockRows * layers.max_width), a_buf(2 * kBlockRows * layers.max_width);
+      const auto z_buf = scratch<T>(block_elements), a_buf = scratch<T>(2 * block_elements);
       for (const auto blk : c10::irange(b0, b1)) {
         const int64_t r0 = blk * kBlockRows;
         const int64_t n = std::min(kBlockRows, rows - r0);
@@ -164,16 +185,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x,
           const bool last = l + 1 == n_layers, keeps_y = keeps_output(act.kind);
           // z goes where backward will read it (saved), else to scratch; y to the output,
           // to saved (a kept y is the next layer's input), or to scratch.
-          T* z = save && !keeps_y ? saved_ptr[l] + r0 * n_dim : z_buf.data();
+          T* z = save && !keeps_y ? saved_ptr[l] + r0 * n_dim : z_buf.get();
           T* out = last ? yp + r0 * n_dim
-                        : (save && keeps_y ? saved_ptr[l] + r0 * n_dim : a_buf.data() + (l % 2) * kBlockRows * n_dim);
-          small_gemm<false>(a, k_dim, layers.weight_t[l].template const_data_ptr<T>(), k_dim, n_dim, z, n_dim, n);
+                        : (save && keeps_y ? saved_ptr[l] + r0 * n_dim : a_buf.get() + (l % 2) * block_elements);
+          small_gemm<false>(a, k_dim, layers.weight_t[l], k_dim, n_dim, z, n_dim, n);
           visit_activation(act.kind, [&](auto kind) {
             using M = VecMath<T>;
             using F = Act<decltype(kind)::value, M>;
             const auto params = make_params<M>(act.p0, act.p1);
             for (int64_t i = 0; i < n; ++i) {
-              bias_activation_row<F>(z + i * n_dim, layers.bias[l], out + i * n_dim, n_dim, params, z != z_buf.data());
+              bias_activation_row<F>(z + i * n_dim, layers.bias[l], out + i * n_dim, n_dim, params, z != z_buf.get());
             }
           });
           a = out;
@@ -233,19 +254,38 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     }
     const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
     const int64_t blocks_per_chunk = std::max<int64_t>(1, (blocks + kMaxChunks - 1) / kMaxChunks);
-    const int64_t chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
-    std::vector<T> partial(chunks * (w_off.back() + b_off.back()), T(0));
+    const int64_t chunks = std::max<int64_t>(1, (blocks + blocks_per_chunk - 1) / blocks_per_chunk);
+    // Chunk 0 sums straight into the gradients, chunk c > 0 into partial sums of its own
+    // (each zeroed by the thread that fills it), which are added to them in order after.
     const int64_t chunk_size = w_off.back() + b_off.back();
+    const auto partial = scratch<T>((chunks - 1) * chunk_size);
+    std::vector<T*> dw_out(n_layers), db_out(n_layers);
+    for (size_t l = 0; l < n_layers; ++l) {
+      const int64_t k_dim = layers.width[l], n_dim = layers.width[l + 1];
+      grad_weights[l] = at::empty({n_dim, k_dim}, x2.options());
+      grad_biases[l] = at::empty({layers.has_bias[l] ? n_dim : 0}, x2.options());
+      dw_out[l] = grad_weights[l].mutable_data_ptr<T>();
+      db_out[l] = grad_biases[l].mutable_data_ptr<T>();
+    }
+    const auto dw_of = [&](int64_t c, size_t l) {
+      return c == 0 ? dw_out[l] : partial.get() + (c - 1) * chunk_size + w_off[l];
+    };
+    const auto db_of = [&](int64_t c, size_t l) {
+      return c == 0 ? db_out[l] : partial.get() + (c - 1) * chunk_size + w_off.back() + b_off[l];
+    };
     const T* xp = x2.const_data_ptr<T>();
     const T* gp = g2.const_data_ptr<T>();
     T* gxp = input_grad ? grad_x.mutable_data_ptr<T>() : nullptr;
     const Activation hidden = net.hidden.kind;
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      const int64_t mw = layers.max_width;
-      std::vector<T> dz(kBlockRows * mw), dz_t(kBlockRows * mw), a_buf(kBlockRows * mw), g_buf(2 * kBlockRows * mw);
+      const int64_t block_elements = std::min(kBlockRows, rows) * layers.max_width;
+      const auto dz = scratch<T>(block_elements), dz_t = scratch<T>(block_elements);
+      const auto a_buf = scratch<T>(block_elements), g_buf = scratch<T>(2 * block_elements);
       for (const auto c : c10::irange(c0, c1)) {
-        T* dw_acc = partial.data() + c * chunk_size;
-        T* db_acc = dw_acc + w_off.back();
+        for (size_t l = 0; l < n_layers; ++l) {
+          std::fill_n(dw_of(c, l), layers.width[l] * layers.width[l + 1], T(0));
+          if (layers.has_bias[l]) std::fill_n(db_of(c, l), layers.width[l + 1], T(0));
+        }
         for (int64_t blk = c * blocks_per_chunk; blk < std::min(blocks, (c + 1) * blocks_per_chunk); ++blk) {
           const int64_t r0 = blk * kBlockRows;
           const int64_t n = std::min(kBlockRows, rows - r0);
@@ -259,9 +299,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
               using M = VecMath<T>;
               using F = Act<decltype(kind)::value, M>;
               const auto params = make_params<M>(act.p0, act.p1);
-              T* db = layers.has_bias[l] ? db_acc + b_off[l] : nullptr;
+              T* db = layers.has_bias[l] ? db_of(c, l) : nullptr;
               for (int64_t i = 0; i < n; ++i) {
-                grad_row<F>(g + i * n_dim, s ? s + i * n_dim : nullptr, dz.data() + i * n_dim, db, n_dim, params);
+                grad_row<F>(g + i * n_dim, s ? s + i * n_dim : nullptr, dz.get() + i * n_dim, db, n_dim, params);
               }
             });
             // The layer's input: x, the previous layer's kept y, or act(z) recomputed.
@@ -274,38 +314,36 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
                   using M = VecMath<T>;
                   using F = Act<decltype(kind)::value, M>;
                   const auto params = make_params<M>(net.hidden.p0, net.hidden.p1);
-                  map_span(n * k_dim, [&](const auto& z) { return F::forward(z, params); }, a_buf.data(), prev);
+                  map_span(n * k_dim, [&](const auto& z) { return F::forward(z, params); }, a_buf.get(), prev);
                 });
-                a = a_buf.data();
+                a = a_buf.get();
               }
             }
             // grad_weight += dz^T a
-            transpose(dz.data(), n, n_dim, dz_t.data());
-            small_gemm<true>(dz_t.data(), n, a, n, k_dim, dw_acc + w_off[l], k_dim, n_dim);
+            transpose(dz.get(), n, n_dim, dz_t.get());
+            small_gemm<true>(dz_t.get(), n, a, n, k_dim, dw_of(c, l), k_dim, n_dim);
             // grad of the layer's input: dz W
             if (l == 0 && !input_grad) break;
-            T* g_next = l == 0 ? gxp + r0 * k_dim : g_buf.data() + (l % 2) * kBlockRows * mw;
-            small_gemm<false>(dz.data(), n_dim, layers.weight[l].template const_data_ptr<T>(), n_dim, k_dim, g_next,
+            T* g_next = l == 0 ? gxp + r0 * k_dim : g_buf.get() + (l % 2) * block_elements;
+            small_gemm<false>(dz.get(), n_dim, layers.weight[l].template const_data_ptr<T>(), n_dim, k_dim, g_next,
                               k_dim, n);
             g = g_next;
           }
         }
       }
     });
-    // Chunks added in order, for results independent of the thread count.
-    for (size_t l = 0; l < n_layers; ++l) {
-      const int64_t k_dim = layers.width[l], n_dim = layers.width[l + 1];
-      grad_weights[l] = at::zeros({n_dim, k_dim}, x2.options());
-      grad_biases[l] = at::zeros({layers.has_bias[l] ? n_dim : 0}, x2.options());
-      T* dw = grad_weights[l].mutable_data_ptr<T>();
-      T* db = grad_biases[l].mutable_data_ptr<T>();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const T* part = partial.data() + c * chunk_size;
-        for (int64_t i = 0; i < n_dim * k_dim; ++i) dw[i] += part[w_off[l] + i];
-        if (layers.has_bias[l]) {
-          for (int64_t i = 0; i < n_dim; ++i) db[i] += part[w_off.back() + b_off[l] + i];
+    // Chunks 1.. added to chunk 0's sums in order, for results independent of the thread count.
+    const auto add_partials = [&](T* out, int64_t offset, int64_t size) {
+      at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t c = 1; c < chunks; ++c) {
+          const T* part = partial.get() + (c - 1) * chunk_size + offset;
+          for (int64_t i = i0; i < i1; ++i) out[i] += part[i];
         }
-      }
+      });
+    };
+    for (size_t l = 0; l < n_layers && chunks > 1; ++l) {
+      add_partials(dw_out[l], w_off[l], w_off[l + 1] - w_off[l]);
+      if (layers.has_bias[l]) add_partials(db_out[l], w_off.back() + b_off[l], b_off[l + 1] - b_off[l]);
     }
   });
   if (input_grad) grad_x = grad_x.view(x.sizes());
