@@ -175,7 +175,6 @@ class MLPFunction(torch.autograd.Function):
         y, saved = _ops.mlp_forward(x, weights, biases, activation, p0, p1, output_activation, q0, q1, training)
         ctx.config = (activation, p0, p1, output_activation, q0, q1)
         ctx.n_layers = n_layers
-        ctx.has_bias = [b is not None for b in biases]
         if training:
             # The output is needed only when the last activation's derivative comes from it.
             keep_y = output_activation != "identity" and REGISTRY[output_activation].saves_output
