@@ -53,6 +53,9 @@ def _worker(rank, port, wrap, init_state, out_path):
             state = {k: v.full_tensor() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(state, out_path)
+        # Both ranks leave with no collective in flight: gloo aborts a process whose worker
+        # threads still hold work when the group is torn down.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
