@@ -216,17 +216,13 @@ def _differentiable_mlp_grads(grad_y, x, weights, biases, config, x_needs_grad, 
     return [next(grads) if want and t is not None else None for t, want in zip(inputs, wanted)]
 
 
-def _resolved(activation: str | ResolvedActivation, params: dict) -> ResolvedActivation:
-    return resolve(activation, **params)
-
-
 def activation(x: torch.Tensor, activation: str | ResolvedActivation = "relu", **params: float) -> torch.Tensor:
     """Applies an activation by name, e.g. ``activation(x, "leaky_relu", negative_slope=0.1)``.
 
     Parameters take ``torch.nn.functional``'s names and defaults. The output has x's
     shape and dtype (autocast leaves activations in their input dtype).
     """
-    act = _resolved(activation, params)
+    act = resolve(activation, **params)
     return ActivationFunction.apply(x, act.name, act.p0, act.p1)
 
 
@@ -253,7 +249,7 @@ def dense(
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as
     ``nn.Linear``'s are, and gradients flow back through the casts.
     """
-    act = _resolved(activation, params)
+    act = resolve(activation, **params)
     x, (weight,), (bias,) = _autocast(x, [weight], [bias])
     y, _ = DenseFunction.apply(x, weight, bias, act.name, act.p0, act.p1)
     return y
@@ -273,7 +269,7 @@ def mlp(
     (a name, or ``bpext.resolve(name, **its_params)``). Equal to the same stack of
     ``F.linear`` + activations, but keeps one tensor per layer for backward.
     """
-    hidden = _resolved(activation, params)
+    hidden = resolve(activation, **params)
     out = resolve(output_activation)
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):

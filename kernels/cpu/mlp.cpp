@@ -112,8 +112,7 @@ struct Layers {
   std::vector<const T*> weight_t;     // weights[l].T: (W[l], W[l+1]), in weight_t_buf (forward only)
   std::unique_ptr<T[]> weight_t_buf;
   std::vector<const T*> bias;         // null without bias (or when only its presence was passed)
-  std::vector<bool> has_bias;
-  std::vector<at::Tensor> bias_keep;  // keeps contiguous biases alive
+  std::vector<at::Tensor> bias_keep;  // keeps contiguous biases alive; undefined without bias
   int64_t max_width = 0;
 
   Layers(at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases, bool transposed) {
@@ -124,7 +123,6 @@ struct Layers {
       weight.push_back(weights[l].contiguous());
       weight_elements += weights[l].numel();
       const auto b = biases.get(l);
-      has_bias.push_back(b.has_value());
       bias_keep.push_back(b.has_value() ? b->contiguous() : at::Tensor());
       bias.push_back(ptr_or_null<T>(bias_keep.back()));
     }
@@ -139,6 +137,7 @@ struct Layers {
     }
   }
   size_t size() const { return weight.size(); }
+  bool has_bias(size_t l) const { return bias_keep[l].defined(); }
 };
 
 // x: (*, W0) -> y: (*, W[L]), saved: one per layer (see kernels/mlp.cpp) when `save`
@@ -263,7 +262,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     for (size_t l = 0; l < n_layers; ++l) {
       const int64_t k_dim = layers.width[l], n_dim = layers.width[l + 1];
       grad_weights[l] = at::empty({n_dim, k_dim}, x2.options());
-      grad_biases[l] = at::empty({layers.has_bias[l] ? n_dim : 0}, x2.options());
+      grad_biases[l] = at::empty({layers.has_bias(l) ? n_dim : 0}, x2.options());
       dw_out[l] = grad_weights[l].mutable_data_ptr<T>();
       db_out[l] = grad_biases[l].mutable_data_ptr<T>();
     }
@@ -284,7 +283,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
       for (const auto c : c10::irange(c0, c1)) {
         for (size_t l = 0; l < n_layers; ++l) {
           std::fill_n(dw_of(c, l), layers.width[l] * layers.width[l + 1], T(0));
-          if (layers.has_bias[l]) std::fill_n(db_of(c, l), layers.width[l + 1], T(0));
+          if (layers.has_bias(l)) std::fill_n(db_of(c, l), layers.width[l + 1], T(0));
         }
         for (int64_t blk = c * blocks_per_chunk; blk < std::min(blocks, (c + 1) * blocks_per_chunk); ++blk) {
           const int64_t r0 = blk * kBlockRows;
@@ -299,7 +298,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
               using M = VecMath<T>;
               using F = Act<decltype(kind)::value, M>;
               const auto params = make_params<M>(act.p0, act.p1);
-              T* db = layers.has_bias[l] ? db_of(c, l) : nullptr;
+              T* db = layers.has_bias(l) ? db_of(c, l) : nullptr;
               for (int64_t i = 0; i < n; ++i) {
                 grad_row<F>(g + i * n_dim, s ? s + i * n_dim : nullptr, dz.get() + i * n_dim, db, n_dim, params);
               }
@@ -343,7 +342,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     };
     for (size_t l = 0; l < n_layers && chunks > 1; ++l) {
       add_partials(dw_out[l], w_off[l], w_off[l + 1] - w_off[l]);
-      if (layers.has_bias[l]) add_partials(db_out[l], w_off.back() + b_off[l], b_off[l + 1] - b_off[l]);
+      if (layers.has_bias(l)) add_partials(db_out[l], w_off.back() + b_off[l], b_off[l + 1] - b_off[l]);
     }
   });
   if (input_grad) grad_x = grad_x.view(x.sizes());
