@@ -70,7 +70,11 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "kernels", "include")]
     # -fopenmp: at::parallel_for is inline and runs its loop in an OpenMP region (ATen's
     # backend); compiled without it, the region is silently serial.
-    cxx = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"] + _cpu_simd_flags() + _sanitizer_flags()
+    # -ffp-contract=off: the compiler may not fuse a*b+c into an FMA on its own; where it did,
+    # the same formula rounded differently in an unrolled loop and its tail (results then
+    # depended on where a thread's chunk began). -Werror=switch: every enum case handled.
+    warnings = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Werror=switch"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + warnings + _cpu_simd_flags() + _sanitizer_flags()
     link = ["-fopenmp"] + _sanitizer_flags()
 
     if force_cpu:

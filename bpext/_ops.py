@@ -1,163 +1,195 @@
-"""Typed wrappers over torch.ops.bpext.* and one fake (meta) implementation per op,
-so that torch.compile traces through bpext and opcheck passes."""
+"""What torch needs to know about bpext's ops beyond their kernels: a fake (meta)
+implementation per op, so that torch.compile and torch.export trace through bpext, and a
+vmap rule per op, so that torch.func.vmap batches them. The schemas are in
+kernels/registration.cpp; autograd is registered beside the Functions in functional.py."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+from torch.utils import _pytree as pytree
 
 from .activations import REGISTRY
 
-_ops = torch.ops.bpext
+ops = torch.ops.bpext
+
+# The ops with a kernel per device.
+OPS = (
+    "activation_forward", "activation_backward", "activation_double_backward", "dense_forward", "dense_backward",
+    "gated_forward", "gated_backward", "gated_mlp_forward", "gated_mlp_backward", "mlp_forward", "mlp_backward",
+)
 
 
-def activation_forward(x: torch.Tensor, activation: str, p0: float, p1: float) -> torch.Tensor:
-    """x: (*) -> y: (*)"""
-    return _ops.activation_forward.default(x, activation, p0, p1)
+def set_gemm_epilogue(enabled: bool) -> bool:
+    """Dense forward of a ReLU layer with a bias: finish it inside the GEMM
+    (``torch._addmm_activation``, cuBLASLt's epilogue on CUDA) when True, the default, or
+    run a plain GEMM and bpext's activation pass. Returns the previous setting."""
+    return ops._set_gemm_epilogue(enabled)
 
 
-def activation_backward(
-    grad_y: torch.Tensor, saved: torch.Tensor, activation: str, p0: float, p1: float
-) -> torch.Tensor:
-    """grad_y, saved: (*) -> grad_x: (*). ``saved`` is y or z, as the activation's policy says."""
-    return _ops.activation_backward.default(grad_y, saved, activation, p0, p1)
+# ---- fake implementations: output metadata only --------------------------------------------
 
 
-def activation_double_backward(
-    grad_grad_x: torch.Tensor, grad_y: torch.Tensor, saved: torch.Tensor, activation: str, p0: float, p1: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward of activation_backward -> (grad of grad_y, grad of saved), each (*)."""
-    return _ops.activation_double_backward.default(grad_grad_x, grad_y, saved, activation, p0, p1)
+def _one_device(op: str, *tensors) -> None:
+    """A real tensor mixed with meta tensors reaches the fake kernel (Meta wins the dispatch);
+    refuse it as the real kernels would, instead of returning uninitialized memory."""
+    devices = {t.device for t in pytree.tree_leaves(tensors) if isinstance(t, torch.Tensor)}
+    torch._check(len(devices) <= 1, lambda: f"bpext.{op}: expected all tensors on one device, got "
+                                            f"{', '.join(sorted(str(d) for d in devices))}")
 
 
-def dense_forward(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str,
-    p0: float,
-    p1: float,
-    return_preact: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0)."""
-    return _ops.dense_forward.default(x, weight, bias, activation, p0, p1, return_preact)
-
-
-def dense_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor | None,
-    weight: torch.Tensor,
-    saved: torch.Tensor,
-    activation: str,
-    p0: float,
-    p1: float,
-    output_mask: Sequence[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless asked for."""
-    return _ops.dense_backward.default(grad_y, x, weight, saved, activation, p0, p1, list(output_mask))
-
-
-def mlp_forward(
-    x: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
-    activation: str,
-    p0: float,
-    p1: float,
-    output_activation: str,
-    q0: float,
-    q1: float,
-    save: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """x: (*, W0), weights[l]: (W[l+1], W[l]) -> y: (*, W[L]), saved: one tensor per layer when ``save``."""
-    return _ops.mlp_forward.default(x, list(weights), list(biases), activation, p0, p1, output_activation, q0, q1, save)
-
-
-def mlp_backward(
-    grad_y: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor | None],
-    saved: Sequence[torch.Tensor],
-    activation: str,
-    p0: float,
-    p1: float,
-    output_activation: str,
-    q0: float,
-    q1: float,
-    input_grad: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """-> grad_x ((0) unless input_grad), grad_weights, grad_biases ((0) for layers without bias)."""
-    return _ops.mlp_backward.default(grad_y, x, y, list(weights), list(biases), list(saved), activation, p0, p1,
-                                     output_activation, q0, q1, input_grad)
-
-
-def set_cublaslt_epilogue(enabled: bool) -> bool:
-    """CUDA dense forward: use cuBLASLt's bias/ReLU epilogue where it applies (default True).
-    Returns the previous setting. Exposed so benchmarks can time both paths."""
-    return _ops._set_cublaslt_epilogue(enabled)
-
-
-# Fake implementations: output metadata only, matching the real kernels' (contiguous) outputs.
+def _rows_like(x: torch.Tensor, features: int) -> tuple[int, ...]:
+    return (*x.shape[:-1], features)
 
 
 @torch.library.register_fake("bpext::activation_forward")
-def _(x, activation, p0, p1):
+def _(x, activation, params):
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("bpext::activation_backward")
-def _(grad_y, saved, activation, p0, p1):
+def _(grad_y, saved, activation, params):
+    _one_device("activation_backward", grad_y, saved)
     torch._check(grad_y.shape == saved.shape, lambda: "bpext.activation_backward: grad_y and saved shapes differ")
     return grad_y.new_empty(grad_y.shape)
 
 
 @torch.library.register_fake("bpext::activation_double_backward")
-def _(grad_grad_x, grad_y, saved, activation, p0, p1):
+def _(grad_grad_x, grad_y, saved, activation, params):
+    _one_device("activation_double_backward", grad_grad_x, grad_y, saved)
     torch._check(grad_y.shape == saved.shape == grad_grad_x.shape,
                  lambda: "bpext.activation_double_backward: shapes differ")
     return grad_y.new_empty(grad_y.shape), grad_y.new_empty(grad_y.shape)
 
 
 @torch.library.register_fake("bpext::dense_forward")
-def _(x, weight, bias, activation, p0, p1, return_preact):
-    torch._check(weight.dim() == 2, lambda: "bpext.dense_forward: weight must be 2-D")
-    torch._check(x.shape[-1] == weight.shape[1], lambda: "bpext.dense_forward: in_features mismatch")
-    shape = (*x.shape[:-1], weight.shape[0])
+def _(x, weight, bias, activation, params, return_preact):
+    _one_device("dense_forward", x, weight, bias)
+    torch._check(weight.dim() == 2 and x.shape[-1] == weight.shape[1],
+                 lambda: "bpext.dense_forward: weight must be (out_features, in_features of the input)")
+    shape = _rows_like(x, weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape if return_preact else (0,))
 
 
 @torch.library.register_fake("bpext::dense_backward")
-def _(grad_y, x, weight, saved, activation, p0, p1, output_mask):
+def _(grad_y, x, weight, saved, activation, params, output_mask):
+    _one_device("dense_backward", grad_y, x, weight, saved)
     out_features, in_features = weight.shape
-    grad_x = grad_y.new_empty((*grad_y.shape[:-1], in_features) if output_mask[0] else (0,))
-    grad_weight = grad_y.new_empty((out_features, in_features) if output_mask[1] else (0,))
-    grad_bias = grad_y.new_empty((out_features,) if output_mask[2] else (0,))
-    return grad_x, grad_weight, grad_bias
+    return (grad_y.new_empty(_rows_like(grad_y, in_features) if output_mask[0] else (0,)),
+            grad_y.new_empty((out_features, in_features) if output_mask[1] else (0,)),
+            grad_y.new_empty((out_features,) if output_mask[2] else (0,)))
 
 
-def _keeps_output(name: str) -> bool:
-    return REGISTRY[name].saves_output
+@torch.library.register_fake("bpext::gated_forward")
+def _(x, weight_gate, bias_gate, weight_up, bias_up, activation, params, save):
+    _one_device("gated_forward", x, weight_gate, bias_gate, weight_up, bias_up)
+    shape = _rows_like(x, weight_gate.shape[0])
+    return x.new_empty(shape), x.new_empty(shape if save else (0,)), x.new_empty(shape if save else (0,))
+
+
+def _gated_grads(x, weight_gate, mask):
+    hidden = weight_gate.shape[0]
+    return (x.new_empty(x.shape if mask[0] else (0,)),
+            x.new_empty(weight_gate.shape if mask[1] else (0,)), x.new_empty((hidden,) if mask[2] else (0,)),
+            x.new_empty(weight_gate.shape if mask[3] else (0,)), x.new_empty((hidden,) if mask[4] else (0,)))
+
+
+@torch.library.register_fake("bpext::gated_backward")
+def _(grad_y, x, weight_gate, weight_up, gate, up, activation, params, output_mask):
+    _one_device("gated_backward", grad_y, x, weight_gate, weight_up, gate, up)
+    return _gated_grads(x, weight_gate, output_mask)
+
+
+@torch.library.register_fake("bpext::gated_mlp_forward")
+def _(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, activation, params, save):
+    _one_device("gated_mlp_forward", x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down)
+    hidden = _rows_like(x, weight_gate.shape[0])
+    return (x.new_empty(_rows_like(x, weight_down.shape[0])), x.new_empty(hidden if save else (0,)),
+            x.new_empty(hidden if save else (0,)))
+
+
+@torch.library.register_fake("bpext::gated_mlp_backward")
+def _(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params, output_mask):
+    _one_device("gated_mlp_backward", grad_y, x, weight_gate, weight_up, weight_down, gate, up)
+    return (*_gated_grads(x, weight_gate, output_mask[:5]),
+            x.new_empty(weight_down.shape if output_mask[5] else (0,)),
+            x.new_empty((weight_down.shape[0],) if output_mask[6] else (0,)))
+
+
+def mlp_keeps_nothing(layer: int, layers: int, activation: str) -> bool:
+    """Whether mlp_forward keeps nothing of this layer: the last layer, when its derivative
+    reads the output y (which the caller keeps) or nothing. The kernels' mlp_keeps_nothing."""
+    return layer == layers - 1 and REGISTRY[activation].saves != "input"
 
 
 @torch.library.register_fake("bpext::mlp_forward")
-def _(x, weights, biases, activation, p0, p1, output_activation, q0, q1, save):
-    lead = x.shape[:-1]
+def _(x, weights, biases, activation, params, output_activation, output_params, save):
+    _one_device("mlp_forward", x, weights, biases)
+    layers = len(weights)
     saved = []
-    if save:
-        for layer, w in enumerate(weights):
-            last = layer == len(weights) - 1
-            keeps_y = _keeps_output(output_activation if last else activation)
-            # The last layer's y is the op's output; nothing more is kept for it then.
-            saved.append(x.new_empty((0,)) if last and keeps_y else x.new_empty((*lead, w.shape[0])))
-    return x.new_empty((*lead, weights[-1].shape[0])), saved
+    for layer, w in enumerate(weights):
+        act = output_activation if layer == layers - 1 else activation
+        keeps_nothing = not save or mlp_keeps_nothing(layer, layers, act)
+        saved.append(x.new_empty((0,) if keeps_nothing else _rows_like(x, w.shape[0])))
+    return x.new_empty(_rows_like(x, weights[-1].shape[0])), saved if save else []
 
 
 @torch.library.register_fake("bpext::mlp_backward")
-def _(grad_y, x, y, weights, biases, saved, activation, p0, p1, output_activation, q0, q1, input_grad):
-    grad_x = grad_y.new_empty(x.shape if input_grad else (0,))
-    grad_weights = [grad_y.new_empty(w.shape) for w in weights]
-    grad_biases = [grad_y.new_empty((w.shape[0],) if b is not None else (0,)) for w, b in zip(weights, biases)]
-    return grad_x, grad_weights, grad_biases
+def _(grad_y, x, y, weights, biases, saved, activation, params, output_activation, output_params, input_grad):
+    _one_device("mlp_backward", grad_y, x, y, weights, biases, saved)
+    return (grad_y.new_empty(x.shape if input_grad else (0,)), [grad_y.new_empty(w.shape) for w in weights],
+            [grad_y.new_empty((w.shape[0],) if b is not None else (0,)) for w, b in zip(weights, biases)])
+
+
+# ---- vmap rules -------------------------------------------------------------------------------
+# Elementwise ops take the batch as more elements; layers whose only batched argument is the
+# input take it as more rows (one op call); anything else (batched weights: ensembles;
+# batched gradients: per-sample weight gradients) runs once per sample.
+
+
+def _is_placeholder(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.shape == (0,)
+
+
+def _elementwise_rule(op, n_tensors):
+    def rule(info, in_dims, *args):
+        tensors = [t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+                   for t, d in zip(args[:n_tensors], in_dims[:n_tensors])]
+        out = op(*tensors, *args[n_tensors:])
+        return out, pytree.tree_map(lambda _: 0, out)
+    return rule
+
+
+def _select(arg, dim, i):
+    if isinstance(arg, (list, tuple)):
+        return [_select(a, d, i) for a, d in zip(arg, dim if dim is not None else [None] * len(arg))]
+    return arg.select(dim, i) if dim is not None else arg
+
+
+def _loop(op, info, in_dims, args):
+    results = [op(*[_select(a, d, i) for a, d in zip(args, in_dims)]) for i in range(info.batch_size)]
+    flat = [pytree.tree_flatten(r) for r in results]
+    stacked = [torch.stack(parts) for parts in zip(*(leaves for leaves, _ in flat))]
+    out = pytree.tree_unflatten(stacked, flat[0][1])
+    return out, pytree.tree_map(lambda _: 0, out)
+
+
+def _rows_or_loop_rule(op):
+    def rule(info, in_dims, *args):
+        others = pytree.tree_leaves(list(in_dims[1:]))
+        if in_dims[0] is None or any(d is not None for d in others):
+            return _loop(op, info, in_dims, args)
+        out = op(args[0].movedim(in_dims[0], 0), *args[1:])
+        return out, pytree.tree_map(lambda t: None if _is_placeholder(t) else 0, out)
+    return rule
+
+
+def _loop_rule(op):
+    return lambda info, in_dims, *args: _loop(op, info, in_dims, args)
+
+
+for _name, _n in (("activation_forward", 1), ("activation_backward", 2), ("activation_double_backward", 3)):
+    torch.library.register_vmap(f"bpext::{_name}", _elementwise_rule(getattr(ops, _name).default, _n))
+for _name in ("dense_forward", "gated_forward", "gated_mlp_forward", "mlp_forward"):
+    torch.library.register_vmap(f"bpext::{_name}", _rows_or_loop_rule(getattr(ops, _name).default))
+for _name in ("dense_backward", "gated_backward", "gated_mlp_backward", "mlp_backward"):
+    torch.library.register_vmap(f"bpext::{_name}", _loop_rule(getattr(ops, _name).default))

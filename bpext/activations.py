@@ -1,47 +1,92 @@
-"""The activation registry: each activation's name, parameters, saved-tensor policy
-and PyTorch reference. The math itself lives once, in kernels/include/bpext/activations.h."""
+"""The activation registry. Each activation's name, parameters (names, defaults, rules) and
+what its backward saves come from the kernels' own list (kernels/include/bpext/activations.h),
+read through the extension; the table below adds, in one line per activation, how PyTorch
+computes it: the functional reference and the torch.nn module class, if there is one.
+bpext.nn's activation modules and convert's mappings are generated from this registry."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+@dataclass(frozen=True)
+class Torch:
+    """How PyTorch computes an activation: ``reference(x, **params)``, and the torch.nn
+    class whose attributes named like the parameters (plus ``fixed``) select it. ``module_name``
+    names bpext's module class where torch.nn has none."""
+
+    reference: Callable[..., torch.Tensor]
+    module: type[nn.Module] | None = None
+    fixed: dict = field(default_factory=dict)
+    module_name: str | None = None
+
+
+# One line per activation in kernels/include/bpext/activations.h (a test checks that they agree).
+TORCH = {
+    "identity": Torch(_identity, nn.Identity),
+    "relu": Torch(F.relu, nn.ReLU),
+    "leaky_relu": Torch(F.leaky_relu, nn.LeakyReLU),
+    "elu": Torch(F.elu, nn.ELU),
+    "gelu": Torch(F.gelu, nn.GELU, {"approximate": "none"}),
+    "gelu_tanh": Torch(functools.partial(F.gelu, approximate="tanh"), nn.GELU, {"approximate": "tanh"}),
+    "silu": Torch(F.silu, nn.SiLU),
+    "mish": Torch(F.mish, nn.Mish),
+    "sigmoid": Torch(torch.sigmoid, nn.Sigmoid),
+    "tanh": Torch(torch.tanh, nn.Tanh),
+    "softplus": Torch(F.softplus, nn.Softplus),
+    "quick_gelu": Torch(_quick_gelu, module_name="QuickGELU"),
+    "hardswish": Torch(F.hardswish, nn.Hardswish),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: float
+    rule: str  # "finite", "nonzero" or "not_nan"
 
 
 @dataclass(frozen=True)
 class ActivationSpec:
-    """What bpext knows about one activation.
-
-    ``params`` are the keyword arguments (``torch.nn.functional`` names and defaults)
-    that travel to the kernels as ``p0`` and ``p1``, in order. ``saves_output`` says
-    which tensor backward needs: the output ``y`` (True) or the pre-activation ``z``.
-    ``reference`` computes the same function with ``torch.nn.functional``.
-    """
+    """What bpext knows about one activation: its kernels' name, parameters, which tensor its
+    backward reads (``saves``: "output", "input" or "nothing") and how PyTorch computes it."""
 
     name: str
-    saves_output: bool
-    reference: Callable[..., torch.Tensor]
-    params: tuple[tuple[str, float], ...] = ()
+    saves: str
+    params: tuple[Param, ...]
+    torch: Torch
 
 
-_SPECS = (
-    ActivationSpec("identity", True, lambda x: x),
-    ActivationSpec("relu", True, F.relu),
-    ActivationSpec("leaky_relu", True, F.leaky_relu, (("negative_slope", 0.01),)),
-    ActivationSpec("elu", True, F.elu, (("alpha", 1.0),)),
-    ActivationSpec("gelu", False, F.gelu),
-    ActivationSpec("gelu_tanh", False, lambda x: F.gelu(x, approximate="tanh")),
-    ActivationSpec("silu", False, F.silu),
-    ActivationSpec("mish", False, F.mish),
-    ActivationSpec("sigmoid", True, torch.sigmoid),
-    ActivationSpec("tanh", True, torch.tanh),
-    ActivationSpec("softplus", False, F.softplus, (("beta", 1.0), ("threshold", 20.0))),
-)
+def _read_kernel_list() -> dict[str, ActivationSpec]:
+    specs = {}
+    for line in torch.ops.bpext._activation_table().splitlines():
+        name, saves, *params = line.split()
+        parsed = []
+        for p in params:
+            pname, rest = p.split("=")
+            default, rule = rest.split(":")
+            parsed.append(Param(pname, float(default), rule))
+        if name not in TORCH:
+            raise ImportError(f"bpext: activation '{name}' of the kernels has no line in bpext.activations.TORCH")
+        specs[name] = ActivationSpec(name, saves, tuple(parsed), TORCH[name])
+    return specs
 
-REGISTRY: dict[str, ActivationSpec] = {s.name: s for s in _SPECS}
+
+REGISTRY: dict[str, ActivationSpec] = _read_kernel_list()
 ACTIVATIONS: tuple[str, ...] = tuple(REGISTRY)
 
 
@@ -50,27 +95,44 @@ class ResolvedActivation:
     """An activation with its parameters bound: what the ops and autograd functions take."""
 
     spec: ActivationSpec
-    p0: float = 0.0
-    p1: float = 0.0
+    params: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def saves(self) -> str:
+        return self.spec.saves
+
+    @property
     def kwargs(self) -> dict[str, float]:
-        return {k: v for (k, _), v in zip(self.spec.params, (self.p0, self.p1))}
+        return {p.name: v for p, v in zip(self.spec.params, self.params)}
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same function computed by torch.nn.functional (for tests and benchmarks)."""
-        return self.spec.reference(x, **self.kwargs)
+        """The same function computed by PyTorch (for tests and benchmarks)."""
+        return self.spec.torch.reference(x, **self.kwargs)
+
+    def __repr__(self) -> str:
+        kwargs = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
+        return f"{self.name}({kwargs})" if kwargs else self.name
+
+    def __reduce__(self):  # pickles as the call that makes it
+        return (resolve_by_values, (self.name, self.params))
+
+
+@functools.lru_cache(maxsize=1024)
+def resolve_by_values(name: str, params: tuple[float, ...]) -> ResolvedActivation:
+    """``resolve`` with the parameter values in the activation's order (cached: ops and
+    rewritten forwards call it with the same few activations again and again)."""
+    return resolve(name, **dict(zip((p.name for p in REGISTRY[name].params), params)))
 
 
 def resolve(activation: str | ResolvedActivation, **params: float) -> ResolvedActivation:
     """Looks up ``activation`` and binds its parameters (defaults for those not given).
 
-    Raises ValueError for an unknown name or an invalid value, TypeError for a
-    parameter the activation does not take.
+    Raises ValueError for an unknown name or a value the kernels refuse (they hold the
+    rules), TypeError for a parameter the activation does not take.
     """
     if isinstance(activation, ResolvedActivation):
         if params:
@@ -81,14 +143,11 @@ def resolve(activation: str | ResolvedActivation, **params: float) -> ResolvedAc
     spec = REGISTRY.get(activation)
     if spec is None:
         raise ValueError(f"unknown activation '{activation}'; expected one of: {', '.join(ACTIVATIONS)}")
-    names = [k for k, _ in spec.params]
+    names = [p.name for p in spec.params]
     unknown = sorted(set(params) - set(names))
     if unknown:
         takes = f"takes {', '.join(names)}" if names else "takes no parameters"
         raise TypeError(f"activation '{activation}' {takes}; got unexpected {', '.join(unknown)}")
-    values = [float(params.get(k, default)) for k, default in spec.params]
-    for k, v in zip(names, values):
-        if math.isnan(v) or (k != "threshold" and math.isinf(v)):
-            raise ValueError(f"activation '{activation}': {k} must be finite, got {v}")
-    values += [0.0] * (2 - len(values))
-    return ResolvedActivation(spec, values[0], values[1])
+    values = tuple(float(params.get(p.name, p.default)) for p in spec.params)
+    torch.ops.bpext._check_activation(activation, list(values))
+    return ResolvedActivation(spec, values)

@@ -1,82 +1,204 @@
-"""Autograd functions and the functional API. Forward and backward call only
-torch.ops.bpext.* (through bpext._ops); each saves the least backward needs. Double
-backward, which only create_graph=True reaches, composes bpext ops with matrix products."""
+"""Autograd functions and the functional API.
+
+Each Function's forward is one bpext op, and the same ``setup_context`` and ``backward`` are
+registered on that op (``torch.library.register_autograd``), so eager code, torch.func,
+torch.compile, torch.export and exported programs all differentiate through one definition.
+``backward`` calls the fused backward op; under ``create_graph=True`` (double backward) it
+composes differentiable pieces instead, so second derivatives are exact, and a third raises.
+``jvp`` (forward-mode AD) takes the derivative from ``activation_backward``, whose functor is
+the activation's one definition of act'. vmap batches the ops themselves (_ops.py).
+
+A Function takes its activation as one ``ResolvedActivation`` (a pytree leaf, as torch.func
+needs); the ops take it as its name and parameter values.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch.autograd.function import once_differentiable
+import math
 
-from . import _ops
-from .activations import REGISTRY, ResolvedActivation, resolve
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from ._ops import mlp_keeps_nothing, ops
+from .activations import ResolvedActivation, resolve, resolve_by_values
 
 __all__ = [
-    "ActivationFunction", "ActivationBackwardFunction", "DenseFunction", "DenseBackwardFunction", "MLPFunction",
-    "activation", "dense", "mlp",
+    "ActivationFunction", "ActivationBackwardFunction", "ActivationSecondFunction", "DenseFunction",
+    "GatedFunction", "GatedMLPFunction", "MLPFunction", "activation", "dense", "gated", "gated_mlp", "mlp",
 ]
 
+THIRD_ORDER = ("bpext computes derivatives up to the second order; a third derivative would need the "
+               "activation's third derivative, which bpext does not have. Use the native torch.nn.functional "
+               "activation where third derivatives are needed.")
 
-class ActivationFunction(torch.autograd.Function):
-    """y = act(x). Saves y or x, whichever the activation's derivative is computed from.
+Act = ResolvedActivation
 
-    Its backward is itself differentiable (ActivationBackwardFunction), so second
-    derivatives (gradgradcheck, gradient penalties) work.
-    """
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(*, F) -> (N, F), also for F == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _saved_of(act: Act, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """The tensor act's derivative is computed from: its input x, its output y, or none."""
+    return {"output": y, "input": x, "nothing": None}[act.saves]
+
+
+def _derivative(grad: torch.Tensor, saved: torch.Tensor | None, act: Act) -> torch.Tensor:
+    """grad * act'(.) from the tensor the activation saves; differentiable where a graph is being built."""
+    if act.saves == "nothing":
+        return grad
+    if torch.is_grad_enabled():
+        return ActivationBackwardFunction.apply(grad, saved, act)
+    return ops.activation_backward(grad, saved, act.name, act.params)
+
+
+def _save(ctx, for_backward: tuple, everything: tuple) -> None:
+    """Saves what backward reads, in plain eager mode. Under torch.func or forward-mode AD it
+    saves ``everything`` (the same positions, plus what jvp reads) for backward and jvp alike:
+    functorch batches a single saved set."""
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        ctx.save_for_backward(*everything)
+        ctx.save_for_forward(*everything)
+    else:
+        ctx.save_for_backward(*for_backward)
+
+
+def _sum(terms):
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+
+class ActivationFunction(Function):
+    """y = act(x); saves y, x or nothing, as the activation's policy says."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, activation: str, p0: float, p1: float) -> torch.Tensor:
-        y = _ops.activation_forward(x, activation, p0, p1)
-        ctx.activation = (activation, p0, p1)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(y if REGISTRY[activation].saves_output else x)
-        return y
+    def forward(x, act: Act):
+        return ops.activation_forward(x, act.name, act.params)
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
+    def setup_context(ctx, inputs, output):
+        x, act = inputs
+        ctx.act = act
+        saved = _saved_of(act, x, output)
+        _save(ctx, (saved if ctx.needs_input_grad[0] else None,), (saved,))
+
+    @staticmethod
+    def backward(ctx, grad_y):
         (saved,) = ctx.saved_tensors
-        # Building a graph of the backward (create_graph=True) only when one is asked for.
-        backward = ActivationBackwardFunction.apply if torch.is_grad_enabled() else _ops.activation_backward
-        return backward(grad_y, saved, *ctx.activation), None, None, None
-
-
-class ActivationBackwardFunction(torch.autograd.Function):
-    """grad_x = grad_y * act'(s), differentiable in grad_y and in the saved s (y or x).
-
-    When s is the output y, autograd carries its gradient on through y's own graph.
-    """
+        return _derivative(grad_y, saved, ctx.act), None
 
     @staticmethod
-    def forward(ctx, grad_y: torch.Tensor, saved: torch.Tensor, activation: str, p0: float, p1: float):
-        ctx.activation = (activation, p0, p1)
-        ctx.save_for_backward(grad_y, saved)
-        return _ops.activation_backward(grad_y, saved, activation, p0, p1)
+    def jvp(ctx, x_t, _):
+        (saved,) = ctx.saved_tensors
+        return _derivative(x_t, saved, ctx.act)
+
+
+class ActivationBackwardFunction(Function):
+    """grad_x = grad_y * act'(s), differentiable in grad_y and in the saved s (y or z).
+    When s is the output y, autograd carries its gradient on through y's own graph."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_grad_x: torch.Tensor):
+    def forward(grad_y, saved, act: Act):
+        return ops.activation_backward(grad_y, saved, act.name, act.params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_y, saved, act = inputs
+        ctx.act = act
+        _save(ctx, (grad_y if ctx.needs_input_grad[1] else None, saved), (grad_y, saved))
+
+    @staticmethod
+    def backward(ctx, grad_grad_x):
         grad_y, saved = ctx.saved_tensors
-        grad_grad_y, grad_saved = _ops.activation_double_backward(grad_grad_x, grad_y, saved, *ctx.activation)
-        needs = ctx.needs_input_grad
-        return (grad_grad_y if needs[0] else None, grad_saved if needs[1] else None, None, None, None)
-
-
-class DenseFunction(torch.autograd.Function):
-    """(y, z) = (act(x @ weight.T + bias), x @ weight.T + bias), bias and activation fused
-    into the GEMM's epilogue; z is (0) unless backward reads it (``dense`` returns y only).
-
-    Saves x only when the weight needs a gradient, and one of y or z (per the
-    activation's policy; nothing for identity) only when any gradient is needed. z is an
-    output so that double backward can send a gradient into it: its backward is
-    differentiable (DenseBackwardFunction).
-    """
+        act, needs = ctx.act, ctx.needs_input_grad
+        grad_grad_y = _derivative(grad_grad_x, saved, act) if needs[0] else None
+        grad_saved = None
+        if needs[1]:
+            if torch.is_grad_enabled():
+                grad_saved = ActivationSecondFunction.apply(grad_grad_x, grad_y, saved, act)[1]
+            else:
+                grad_saved = ops.activation_double_backward(grad_grad_x, grad_y, saved, act.name, act.params)[1]
+        return grad_grad_y, grad_saved, None
 
     @staticmethod
-    def forward(ctx, x, weight, bias, activation: str, p0: float, p1: float):
-        needs = ctx.needs_input_grad[:3]
-        training = any(needs)
-        saves_output = REGISTRY[activation].saves_output
-        y, preact = _ops.dense_forward(x, weight, bias, activation, p0, p1, training and not saves_output)
-        ctx.activation = (activation, p0, p1)
+    def jvp(ctx, grad_y_t, saved_t, _):
+        grad_y, saved = ctx.saved_tensors
+        act = ctx.act
+        return _sum([None if grad_y_t is None else ops.activation_backward(grad_y_t, saved, act.name, act.params),
+                     None if saved_t is None else
+                     ops.activation_double_backward(saved_t, grad_y, saved, act.name, act.params)[1]])
+
+
+class ActivationSecondFunction(Function):
+    """The second-derivative pass: (grad_grad_x * act'(s), grad_grad_x * grad_y * act''(s)).
+    Differentiating it once more would need act''': it raises instead of returning a wrong number."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_grad_x, grad_y, saved, act: Act):
+        return ops.activation_double_backward(grad_grad_x, grad_y, saved, act.name, act.params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(THIRD_ORDER)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(THIRD_ORDER)
+
+
+# ---- dense layers ---------------------------------------------------------------------------
+
+
+def _linear_grads(dz, x, weight, needs):
+    """(grad_x, grad_weight, grad_bias) of x @ weight.T + bias from dz = the gradient of its output,
+    as differentiable matrix products (double backward); None where ``needs`` says no."""
+    dz2 = _rows(dz)
+    return ((dz2 @ weight).reshape(*dz.shape[:-1], weight.shape[1]) if needs[0] else None,
+            dz2.t() @ _rows(x) if needs[1] else None,
+            dz2.sum(0) if needs[2] else None)
+
+
+def _linear_tangent(x, weight, x_t, weight_t, bias_t):
+    """The tangent of x @ weight.T + bias; None when no input has one."""
+    return _sum([None if x_t is None else F.linear(x_t, weight),
+                 None if weight_t is None else F.linear(x, weight_t), bias_t])
+
+
+class DenseFunction(Function):
+    """(y, z) = (act(x @ weight.T + bias), x @ weight.T + bias) in one op; z is (0) unless
+    ``return_preact`` (``dense`` asks for it only when backward will read it).
+
+    Saves x only when the weight needs a gradient, the weight only when x does, and one of
+    y or z (per the activation's policy; nothing for identity). z is an output so that double
+    backward can send a gradient into it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, act: Act, return_preact: bool):
+        return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, act, _ = inputs
+        y, preact = output
+        ctx.act = act
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
         # z carries gradients only for eager double backward; compiled graphs would
@@ -84,164 +206,372 @@ class DenseFunction(torch.autograd.Function):
         ctx.preact_differentiable = preact.numel() > 0 and not torch.compiler.is_compiling()
         if not ctx.preact_differentiable:
             ctx.mark_non_differentiable(preact)
-        if training:
-            saved = None if activation == "identity" else (y if saves_output else preact)
-            ctx.save_for_backward(x if needs[1] else None, weight, saved)
-        return y, preact
+        saved = _saved_of(act, preact, y)
+        needs = ctx.needs_input_grad
+        _save(ctx, (x if needs[1] else None, weight if needs[0] else None, None, saved), (x, weight, bias, saved))
 
     @staticmethod
     def backward(ctx, grad_y, grad_preact):
-        x, weight, saved = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        mask = (needs[0], needs[1], needs[2] and ctx.has_bias)
+        x, weight, _, saved = ctx.saved_tensors
+        act, needs = ctx.act, ctx.needs_input_grad
+        mask = [needs[0], needs[1], needs[2] and ctx.has_bias]
         if not ctx.preact_differentiable:
             grad_preact = None
         if grad_y is None and grad_preact is None:
-            return None, None, None, None, None, None
-        if grad_preact is None:  # the usual case
-            if saved is None:  # identity: backward reads nothing saved
-                saved = grad_y.new_empty(0)
-            backward = DenseBackwardFunction.apply if torch.is_grad_enabled() else _ops.dense_backward
-            grads = backward(grad_y, x, weight, saved, *ctx.activation, mask)
-        else:  # a gradient arriving at z: only in double backward, through the saved z
-            dz = grad_preact
-            if grad_y is not None:
-                dz = dz + _ops.activation_backward(grad_y, saved, *ctx.activation)
-            grads = _ops.dense_backward(dz, x, weight, dz.new_empty(0), "identity", 0.0, 0.0, mask)
-        return (*(g if m else None for g, m in zip(grads, mask)), None, None, None)
-
-
-class DenseBackwardFunction(torch.autograd.Function):
-    """(grad_x, grad_weight, grad_bias) of a dense layer, differentiable in grad_y, x,
-    weight and the saved y or z: with dz = grad_y * act'(s),
-    grad_x = dz W, grad_weight = dz^T x, grad_bias = sum(dz)."""
+            return None, None, None, None, None
+        if torch.is_grad_enabled() or grad_preact is not None:  # double backward: a graph of the gradients
+            dz = _sum([None if grad_y is None else _derivative(grad_y, saved, act), grad_preact])
+            return (*_linear_grads(dz, x, weight, mask), None, None)
+        if saved is None:  # identity: backward reads nothing saved
+            saved = grad_y.new_empty(0)
+        grads = ops.dense_backward(grad_y, x, weight, saved, act.name, act.params, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
     @staticmethod
-    def forward(ctx, grad_y, x, weight, saved, activation: str, p0: float, p1: float, mask):
-        ctx.activation = (activation, p0, p1)
-        ctx.mask = mask
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_y, x, weight, saved)
-        return _ops.dense_backward(grad_y, x, weight, saved, activation, p0, p1, mask)
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight, bias, saved = ctx.saved_tensors
+        act = ctx.act
+        preact_t = _linear_tangent(x, weight, x_t, weight_t, bias_t)
+        if preact_t is None:
+            return None, None
+        if act.saves == "input" and saved.numel() == 0 and preact_t.numel() > 0:
+            saved = F.linear(x, weight, bias)  # z was not kept (no backward expected): recompute it
+        return _derivative(preact_t, saved, act), preact_t if ctx.preact_differentiable else None
+
+
+# ---- layer stacks: MLP, gated layers --------------------------------------------------------------
+# Their backward ops recompute what they did not keep; double backward differentiates the same
+# layers rebuilt from F.linear and ActivationFunction, and jvp pushes tangents through them.
+
+
+def _activation_tangent(z, z_t, act: Act):
+    """act(z) and its tangent."""
+    y = ops.activation_forward(z, act.name, act.params)
+    return y, None if z_t is None else _derivative(z_t, _saved_of(act, z, y), act)
+
+
+def _remember_unsaved(ctx, *params) -> None:
+    """Biases are not saved (their backward reads none of them, and a bias edited in place
+    before backward must not fail it, as natively); double backward rebuilds the layer from
+    them, so it checks that they are as they were."""
+    ctx.unsaved = [(t, None if t is None else t._version) for t in params]
+
+
+def _check_unchanged(ctx) -> None:
+    for t, version in ctx.unsaved:
+        if t is not None and t._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                "operation: a bias of a bpext layer was changed after forward, and double backward "
+                "(create_graph=True) rebuilds the layer from it")
+
+
+def _stack_grads(grad_y, x, weights, biases, acts, needs):
+    """The gradients of a stack of dense layers, recomputed as a graph of differentiable pieces
+    (double backward, under torch.func too): (grad_x, *grad_weights, *grad_biases), None where
+    ``needs`` (x, the weights, the biases) says no."""
+    n = len(weights)
+    inputs, saved = [x], []
+    for w, b, act in zip(weights, biases, acts):
+        z = F.linear(inputs[-1], w, b)
+        y = ActivationFunction.apply(z, act)
+        saved.append(_saved_of(act, z, y))
+        inputs.append(y)
+    grads = [None] * (2 * n)
+    g = grad_y
+    for layer in reversed(range(n)):
+        dz = _derivative(g, saved[layer], acts[layer])
+        mask = (layer > 0 or needs[0], needs[1 + layer], needs[1 + n + layer] and biases[layer] is not None)
+        g, grads[layer], grads[n + layer] = _linear_grads(dz, inputs[layer], weights[layer], mask)
+    return [g, *grads]
+
+
+def _gated_grads(grad_h, x, weight_gate, bias_gate, weight_up, bias_up, act: Act, needs):
+    """The gradients of act(gate(x)) * up(x) as a graph of differentiable pieces (double backward):
+    (grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up)."""
+    gate, up = F.linear(x, weight_gate, bias_gate), F.linear(x, weight_up, bias_up)
+    y = ActivationFunction.apply(gate, act)
+    grad_gate, grad_up = _derivative(grad_h * up, _saved_of(act, gate, y), act), grad_h * y
+    gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (needs[0], needs[1], needs[2]))
+    gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (needs[0], needs[3], needs[4]))
+    return _sum([gx_gate, gx_up]), gw_gate, gb_gate, gw_up, gb_up
+
+
+def _mlp_setup(ctx, x, tensors, hidden: Act, output: Act, y, saved, needs_x, needs_tensors):
+    """What MLPFunction and the mlp_forward op keep: x, the weights, the kept tensors, and the
+    output when the last activation's derivative reads it."""
+    n = len(tensors) // 2
+    ctx.mark_non_differentiable(*saved)
+    ctx.acts, ctx.n_saved, ctx.needs = (hidden, output), len(saved), (needs_x, *needs_tensors)
+    ctx.biases = tensors[n:]
+    _remember_unsaved(ctx, *ctx.biases)
+    y = y if mlp_keeps_nothing(n - 1, n, output.name) and output.saves == "output" else None
+    _save(ctx, (x, y, *tensors[:n], *[None] * n, *saved), (x, y, *tensors, *saved))
+
+
+def _mlp_saved(ctx):
+    """x, y (or None), the weights, the biases and the kept tensors of an MLP's ctx."""
+    n = len(ctx.biases)
+    x, y, *rest = ctx.saved_tensors
+    biases = [b if b is not None else ref for b, ref in zip(rest[n:2 * n], ctx.biases)]
+    return x, y, rest[:n], biases, rest[2 * n:]
+
+
+def _mlp_backward(ctx, grad_y):
+    """-> grad_x and the gradients of the weights then the biases (None where not needed)."""
+    x, y, weights, biases, saved = _mlp_saved(ctx)
+    (hidden, output), needs = ctx.acts, ctx.needs
+    if torch.is_grad_enabled():  # create_graph=True
+        _check_unchanged(ctx)
+        acts = [hidden] * (len(weights) - 1) + [output]
+        grads = _stack_grads(grad_y, x, weights, biases, acts, needs)
+        return (grads[0] if needs[0] else None), grads[1:]
+    y = y if y is not None else grad_y.new_empty(0)
+    grad_x, grad_w, grad_b = ops.mlp_backward(grad_y, x, y, list(weights), list(biases), list(saved), hidden.name,
+                                              hidden.params, output.name, output.params, needs[0])
+    grads = [g if need and t is not None else None
+             for g, t, need in zip([*grad_w, *grad_b], [*weights, *biases], needs[1:])]
+    return grad_x if needs[0] else None, grads
+
+
+def _mlp_jvp(ctx, x_t, tensor_t):
+    x, _, weights, biases, _ = _mlp_saved(ctx)
+    hidden, output = ctx.acts
+    n = len(weights)
+    h, h_t = x, x_t
+    for i in range(n):
+        z_t = _linear_tangent(h, weights[i], h_t, tensor_t[i], tensor_t[n + i])
+        h, h_t = _activation_tangent(F.linear(h, weights[i], biases[i]), z_t, output if i == n - 1 else hidden)
+    return (h_t, *[None] * ctx.n_saved)
+
+
+class MLPFunction(Function):
+    """A whole multi-layer perceptron: ``output(L_n(...hidden(L_1(x))))`` in one op each way.
+
+    Keeps one tensor per layer (y where the derivative follows from it, else z) plus x and,
+    when the last activation's derivative reads it, the output; backward recomputes act(z)
+    where it needs a layer's input. ``tensors`` are the n_layers weights, then the n_layers
+    biases (None allowed). Returns (y, *kept): the kept tensors are not differentiable."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, gg_x, gg_weight, gg_bias):
-        grad_y, x, weight, saved = ctx.saved_tensors
-        identity = ctx.activation[0] == "identity"
-        out_features, in_features = weight.shape
-        g2 = grad_y.reshape(-1, out_features)
-        s2 = None if identity else saved.reshape(-1, out_features)
-        x2 = x.reshape(-1, in_features) if x is not None else None
-        gg_x = gg_x if ctx.mask[0] else None
-        gg_weight = gg_weight if ctx.mask[1] else None
-        gg_bias = gg_bias if ctx.mask[2] else None
-        # The gradient reaching dz from the three outputs.
-        g_dz = g2.new_zeros(g2.shape)
-        if gg_x is not None:  # grad_x = dz W
-            g_dz = g_dz + gg_x.reshape(-1, in_features) @ weight.t()
-        if gg_weight is not None:  # grad_weight = dz^T x
-            g_dz = g_dz + x2 @ gg_weight.t()
-        if gg_bias is not None:  # grad_bias = sum over rows of dz
-            g_dz = g_dz + gg_bias
-        dz = g2 if identity else _ops.activation_backward(g2, s2, *ctx.activation)
-        if identity:
-            grad_grad_y, grad_saved = g_dz, None
-        else:
-            grad_grad_y, grad_saved = _ops.activation_double_backward(g_dz, g2, s2, *ctx.activation)
+    def forward(x, hidden: Act, output: Act, save: bool, *tensors):
+        n = len(tensors) // 2
+        y, saved = ops.mlp_forward(x, list(tensors[:n]), list(tensors[n:]), hidden.name, hidden.params, output.name,
+                                   output.params, save)
+        return (y, *saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, hidden, out_act, _, *tensors = inputs
+        y, *saved = output
         needs = ctx.needs_input_grad
-        grad_x = (dz @ gg_weight).reshape(x.shape) if needs[1] and gg_weight is not None else None
-        grad_weight = dz.t() @ gg_x.reshape(-1, in_features) if needs[2] and gg_x is not None else None
-        return (grad_grad_y.reshape(grad_y.shape) if needs[0] else None, grad_x, grad_weight,
-                grad_saved.reshape(saved.shape) if needs[3] and grad_saved is not None else None,
-                None, None, None, None)
-
-
-class MLPFunction(torch.autograd.Function):
-    """A whole multi-layer perceptron: ``act_out(L_n(...act(L_1(x))))`` in one op each way.
-
-    Keeps one tensor per layer (y where the derivative follows from it, else z) plus x
-    and the output; backward recomputes act(z) where it needs a layer's input. Under
-    create_graph=True, backward differentiates the same network built from Dense layers,
-    so second derivatives work too. ``params`` are the n_layers weights followed by the
-    n_layers biases (None allowed).
-    """
+        _mlp_setup(ctx, x, tensors, hidden, out_act, y, saved, needs[0], needs[4:4 + len(tensors)])
 
     @staticmethod
-    def forward(ctx, x, activation: str, p0: float, p1: float, output_activation: str, q0: float, q1: float,
-                n_layers: int, *params):
-        weights, biases = params[:n_layers], params[n_layers:]
-        training = any(ctx.needs_input_grad)
-        y, saved = _ops.mlp_forward(x, weights, biases, activation, p0, p1, output_activation, q0, q1, training)
-        ctx.config = (activation, p0, p1, output_activation, q0, q1)
-        ctx.n_layers = n_layers
-        if training:
-            # The output is needed only when the last activation's derivative comes from it.
-            keep_y = output_activation != "identity" and REGISTRY[output_activation].saves_output
-            # The biases (parameters, no extra memory) only for double backward's rebuild.
-            ctx.save_for_backward(x, y if keep_y else None, *weights, *biases, *saved)
-        return y
+    def backward(ctx, grad_y, *_):
+        grad_x, grads = _mlp_backward(ctx, grad_y)
+        return (grad_x, None, None, None, *grads)
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        n = ctx.n_layers
-        x, y, *rest = ctx.saved_tensors
-        weights, biases, saved = rest[:n], rest[n:2 * n], rest[2 * n:]
-        needs = ctx.needs_input_grad
-        first = 8  # index of the first weight among forward's inputs
-        if torch.is_grad_enabled():  # create_graph=True
-            grads = _differentiable_mlp_grads(grad_y, x, weights, biases, ctx.config, needs[0], needs[first:])
-            return (grads[0], None, None, None, None, None, None, None, *grads[1:])
-        y = y if y is not None else grad_y.new_empty(0)
-        grad_x, grad_w, grad_b = _ops.mlp_backward(grad_y, x, y, weights, biases, saved, *ctx.config, needs[0])
-        grad_w = [g if needs[first + i] else None for i, g in enumerate(grad_w)]
-        grad_b = [g if b is not None and needs[first + n + i] else None for i, (g, b) in enumerate(zip(grad_b, biases))]
-        return (grad_x if needs[0] else None, None, None, None, None, None, None, None, *grad_w, *grad_b)
+    def jvp(ctx, x_t, *tangents):
+        return _mlp_jvp(ctx, x_t, tangents[3:])
 
 
-def _differentiable_mlp_grads(grad_y, x, weights, biases, config, x_needs_grad, params_need_grad):
-    """The gradients of an MLP as a graph in grad_y, x and the parameters (for double backward):
-    rebuilds the network from Dense layers, whose backward is differentiable, and
-    differentiates that. Returns (grad_x, *grad_weights, *grad_biases), None where not needed."""
-    activation, p0, p1, output_activation, q0, q1 = config
-    inputs = [x, *weights, *biases]
-    wanted = [x_needs_grad, *params_need_grad]
-    with torch.enable_grad():
-        h = x
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            act = (output_activation, q0, q1) if i + 1 == len(weights) else (activation, p0, p1)
-            h, _ = DenseFunction.apply(h, w, b, *act)
-        needed = [t for t, want in zip(inputs, wanted) if want and t is not None]
-        grads = iter(torch.autograd.grad(h, needed, grad_y, create_graph=True))
-    return [next(grads) if want and t is not None else None for t, want in zip(inputs, wanted)]
+def _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act: Act):
+    return ActivationFunction.apply(F.linear(x, weight_gate, bias_gate), act) * F.linear(x, weight_up, bias_up)
 
 
-def activation(x: torch.Tensor, activation: str | ResolvedActivation = "relu", **params: float) -> torch.Tensor:
+def _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents, act: Act):
+    """act(gate) * up and its tangent; tangents of (weight_gate, bias_gate, weight_up, bias_up)."""
+    wg_t, bg_t, wu_t, bu_t = tangents
+    gate, up = F.linear(x, weight_gate, bias_gate), F.linear(x, weight_up, bias_up)
+    a, a_t = _activation_tangent(gate, _linear_tangent(x, weight_gate, x_t, wg_t, bg_t), act)
+    up_t = _linear_tangent(x, weight_up, x_t, wu_t, bu_t)
+    return a * up, _sum([None if a_t is None else a_t * up, None if up_t is None else a * up_t])
+
+
+def _gated_saved(ctx) -> list:
+    """A gated layer's saved tensors (x, weight_gate, bias_gate, weight_up, bias_up[, weight_down,
+    bias_down], gate, up), with the biases (saved only under torch.func) filled in."""
+    saved = list(ctx.saved_tensors)
+    for i, bias in zip((2, 4, 6), ctx.biases):
+        saved[i] = bias if saved[i] is None else saved[i]
+    return saved
+
+
+class GatedFunction(Function):
+    """y = act(x Wg^T + bg) * (x Wu^T + bu) in one op; keeps the two pre-activations (and x)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight_gate, bias_gate, weight_up, bias_up, act: Act, save: bool):
+        return ops.gated_forward(x, weight_gate, bias_gate, weight_up, bias_up, act.name, act.params, save)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight_gate, bias_gate, weight_up, bias_up, act, _ = inputs
+        _, gate, up = output
+        ctx.mark_non_differentiable(gate, up)
+        ctx.act, ctx.biases = act, (bias_gate, bias_up)
+        _remember_unsaved(ctx, *ctx.biases)
+        _save(ctx, (x, weight_gate, None, weight_up, None, gate, up),
+              (x, weight_gate, bias_gate, weight_up, bias_up, gate, up))
+
+    @staticmethod
+    def backward(ctx, grad_y, *_):
+        x, weight_gate, bias_gate, weight_up, bias_up, gate, up = _gated_saved(ctx)
+        act, needs = ctx.act, ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            _check_unchanged(ctx)
+            needs = [n and t is not None for n, t in zip(needs, (x, weight_gate, bias_gate, weight_up, bias_up))]
+            return (*_gated_grads(grad_y, x, weight_gate, bias_gate, weight_up, bias_up, act, needs), None, None)
+        mask = [needs[0], needs[1], needs[2] and bias_gate is not None, needs[3], needs[4] and bias_up is not None]
+        grads = ops.gated_backward(grad_y, x, weight_gate, weight_up, gate, up, act.name, act.params, mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t, *tangents):
+        x, weight_gate, bias_gate, weight_up, bias_up, _, _ = _gated_saved(ctx)
+        _, y_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents[:4], ctx.act)
+        return y_t, None, None
+
+
+class GatedMLPFunction(Function):
+    """y = down(act(gate(x)) * up(x)) in one op each way: keeps the two pre-activations (and x),
+    and recomputes act(gate) * up for the down projection's weight gradient."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, act: Act, save: bool):
+        return ops.gated_mlp_forward(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down,
+                                     act.name, act.params, save)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, act, _ = inputs
+        _, gate, up = output
+        ctx.mark_non_differentiable(gate, up)
+        ctx.act, ctx.biases = act, (bias_gate, bias_up, bias_down)
+        _remember_unsaved(ctx, *ctx.biases)
+        _save(ctx, (x, weight_gate, None, weight_up, None, weight_down, None, gate, up),
+              (x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, gate, up))
+
+    @staticmethod
+    def backward(ctx, grad_y, *_):
+        tensors = _gated_saved(ctx)
+        x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, gate, up = tensors
+        act, needs = ctx.act, ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            _check_unchanged(ctx)
+            needs = [n and t is not None for n, t in zip(needs, tensors[:7])]
+            h = _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act)
+            grad_h, grad_wd, grad_bd = _linear_grads(grad_y, h, weight_down, (True, needs[5], needs[6]))
+            grads = _gated_grads(grad_h, x, weight_gate, bias_gate, weight_up, bias_up, act, needs)
+            return (*grads, grad_wd, grad_bd, None, None)
+        has_bias = [t is not None for t in ctx.biases]
+        mask = [needs[0], needs[1], needs[2] and has_bias[0], needs[3], needs[4] and has_bias[1], needs[5],
+                needs[6] and has_bias[2]]
+        grads = ops.gated_mlp_backward(grad_y, x, weight_gate, weight_up, weight_down, gate, up, act.name, act.params,
+                                       mask)
+        return (*(g if m else None for g, m in zip(grads, mask)), None, None)
+
+    @staticmethod
+    def jvp(ctx, x_t, *tangents):
+        x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, _, _ = _gated_saved(ctx)
+        h, h_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents[:4], ctx.act)
+        return _linear_tangent(h, weight_down, h_t, tangents[4], tangents[5]), None, None
+
+
+# ---- the same autograd on the ops themselves ------------------------------------------------------
+# An op takes the activation as (name, params) where its Function takes one ResolvedActivation.
+
+
+def _register(op_name: str, function: type[Function], at: int) -> None:
+    def setup_context(ctx, inputs, output):
+        act = resolve_by_values(inputs[at], tuple(inputs[at + 1]))
+        function.setup_context(ctx, (*inputs[:at], act, *inputs[at + 2:]), output)
+
+    def backward(ctx, *grads):
+        out = function.backward(ctx, *grads)
+        return (*out[:at], None, *out[at:])
+
+    torch.library.register_autograd(f"bpext::{op_name}", backward, setup_context=setup_context)
+
+
+def _mlp_op_setup_context(ctx, inputs, output):
+    x, weights, biases, activation, params, output_activation, output_params, _ = inputs
+    y, saved = output
+    tensors = [*weights, *biases]
+    needs = ctx.needs_input_grad  # lists arrive flattened: x, the weights, the biases, ...
+    ctx.n_params = (len(params), len(output_params))
+    _mlp_setup(ctx, x, tensors, resolve_by_values(activation, tuple(params)),
+               resolve_by_values(output_activation, tuple(output_params)), y, saved, needs[0],
+               needs[1:1 + len(tensors)])
+
+
+def _mlp_op_backward(ctx, grad_y, _):
+    grad_x, grads = _mlp_backward(ctx, grad_y)
+    n = len(grads) // 2
+    no_params = [[None] * k for k in ctx.n_params]  # the structure of the inputs, lists of floats included
+    return grad_x, grads[:n], grads[n:], None, no_params[0], None, no_params[1], None
+
+
+for _op, _function, _at in (("activation_forward", ActivationFunction, 1),
+                            ("activation_backward", ActivationBackwardFunction, 2),
+                            ("activation_double_backward", ActivationSecondFunction, 3),
+                            ("dense_forward", DenseFunction, 3), ("gated_forward", GatedFunction, 5),
+                            ("gated_mlp_forward", GatedMLPFunction, 7)):
+    _register(_op, _function, _at)
+torch.library.register_autograd("bpext::mlp_forward", _mlp_op_backward, setup_context=_mlp_op_setup_context)
+
+
+# ---- the functional API -------------------------------------------------------------------------
+
+
+def _builds_graph(*tensors) -> bool:
+    """Whether autograd will record this call: only then do the layers keep anything for backward.
+    (Always under torch.jit.trace, whose program must not depend on it.)"""
+    return torch.jit.is_tracing() or torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+def _through_ops() -> bool:
+    """Under torch.compile (which cannot trace a Function with a jvp) and torch.jit.trace (which
+    cannot save a Python Function), call the ops, differentiable through their registered autograd."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def _autocast(*tensors):
+    """Under torch.autocast, casts the inputs to the autocast dtype as nn.Linear does (gradients
+    flow back through the casts); otherwise returns them unchanged."""
+    device_type = tensors[0].device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
+def activation(x: torch.Tensor, activation: str | Act = "relu", **params: float) -> torch.Tensor:
     """Applies an activation by name, e.g. ``activation(x, "leaky_relu", negative_slope=0.1)``.
 
     Parameters take ``torch.nn.functional``'s names and defaults. The output has x's
     shape and dtype (autocast leaves activations in their input dtype).
     """
     act = resolve(activation, **params)
-    return ActivationFunction.apply(x, act.name, act.p0, act.p1)
-
-
-def _autocast(x, weights, biases):
-    """Under torch.autocast, casts inputs to the autocast dtype as nn.Linear does (gradients
-    flow back through the casts); otherwise returns them unchanged."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return x, weights, biases
-    dtype = torch.get_autocast_dtype(device_type)
-    cast = lambda t: t.to(dtype) if t is not None else None  # noqa: E731
-    return cast(x), [cast(w) for w in weights], [cast(b) for b in biases]
+    if _through_ops():
+        return ops.activation_forward(x, act.name, act.params)
+    return ActivationFunction.apply(x, act)
 
 
 def dense(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    activation: str | ResolvedActivation = "identity",
+    activation: str | Act = "identity",
     **params: float,
 ) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` in one fused op. x: (*, in), weight: (out, in), bias: (out).
@@ -250,17 +580,19 @@ def dense(
     ``nn.Linear``'s are, and gradients flow back through the casts.
     """
     act = resolve(activation, **params)
-    x, (weight,), (bias,) = _autocast(x, [weight], [bias])
-    y, _ = DenseFunction.apply(x, weight, bias, act.name, act.p0, act.p1)
-    return y
+    x, weight, bias = _autocast(x, weight, bias)
+    return_preact = act.saves == "input" and _builds_graph(x, weight, bias)
+    if _through_ops():
+        return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)[0]
+    return DenseFunction.apply(x, weight, bias, act, return_preact)[0]
 
 
 def mlp(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     biases: list[torch.Tensor | None] | None = None,
-    activation: str | ResolvedActivation = "relu",
-    output_activation: str | ResolvedActivation = "identity",
+    activation: str | Act = "relu",
+    output_activation: str | Act = "identity",
     **params: float,
 ) -> torch.Tensor:
     """A stack of dense layers in one op: ``weights[l]``: (W[l+1], W[l]), ``biases[l]``: (W[l+1]) or None.
@@ -270,10 +602,62 @@ def mlp(
     ``F.linear`` + activations, but keeps one tensor per layer for backward.
     """
     hidden = resolve(activation, **params)
-    out = resolve(output_activation)
+    output = resolve(output_activation)
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
         raise ValueError(f"mlp: got {len(weights)} weights but {len(biases)} biases")
-    x, weights, biases = _autocast(x, weights, biases)
-    return MLPFunction.apply(x, hidden.name, hidden.p0, hidden.p1, out.name, out.p0, out.p1, len(weights),
-                             *weights, *biases)
+    x, *tensors = _autocast(x, *weights, *biases)
+    n, save = len(weights), _builds_graph(x, *tensors)
+    if torch.jit.is_tracing():  # TorchScript cannot trace lists holding None: one dense op per layer
+        for i, (w, b) in enumerate(zip(tensors[:n], tensors[n:])):
+            x = dense(x, w, b, output if i == n - 1 else hidden)
+        return x
+    if torch.compiler.is_compiling():
+        return ops.mlp_forward(x, tensors[:n], tensors[n:], hidden.name, hidden.params, output.name, output.params,
+                               save)[0]
+    return MLPFunction.apply(x, hidden, output, save, *tensors)[0]
+
+
+def gated(
+    x: torch.Tensor,
+    weight_gate: torch.Tensor,
+    weight_up: torch.Tensor,
+    bias_gate: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
+    activation: str | Act = "silu",
+    **params: float,
+) -> torch.Tensor:
+    """A gated linear unit in one fused op: ``act(x @ weight_gate.T + bias_gate) * (x @ weight_up.T + bias_up)``.
+
+    SwiGLU with ``activation="silu"`` (the default), GeGLU with ``"gelu"``, ReGLU with ``"relu"``.
+    x: (*, in), weight_gate and weight_up: (hidden, in) -> (*, hidden). Keeps the two
+    pre-activations for backward (native keeps four tensors).
+    """
+    act = resolve(activation, **params)
+    tensors = _autocast(x, weight_gate, bias_gate, weight_up, bias_up)
+    save = _builds_graph(*tensors)
+    if _through_ops():
+        return ops.gated_forward(*tensors, act.name, act.params, save)[0]
+    return GatedFunction.apply(*tensors, act, save)[0]
+
+
+def gated_mlp(
+    x: torch.Tensor,
+    weight_gate: torch.Tensor,
+    weight_up: torch.Tensor,
+    weight_down: torch.Tensor,
+    bias_gate: torch.Tensor | None = None,
+    bias_up: torch.Tensor | None = None,
+    bias_down: torch.Tensor | None = None,
+    activation: str | Act = "silu",
+    **params: float,
+) -> torch.Tensor:
+    """A gated MLP block (LLaMA, Mistral, Qwen, Gemma, T5 v1.1): ``down(act(gate(x)) * up(x))``
+    in one op each way. weight_down: (out, hidden). Keeps the two pre-activations only, half of
+    what the same block keeps natively; backward recomputes ``act(gate) * up``."""
+    act = resolve(activation, **params)
+    tensors = _autocast(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down)
+    save = _builds_graph(*tensors)
+    if _through_ops():
+        return ops.gated_mlp_forward(*tensors, act.name, act.params, save)[0]
+    return GatedMLPFunction.apply(*tensors, act, save)[0]

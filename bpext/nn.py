@@ -1,32 +1,27 @@
-"""Modules: ``Dense``, one module per activation (named as in ``torch.nn``), and ``convert``."""
+"""Modules: ``Dense``, ``MLP``, ``GatedDense``, ``GatedMLP``, and one activation module per
+activation, generated from the registry (named, constructed and parametrised as in torch.nn)."""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
 
 from . import functional as F
-from .activations import ResolvedActivation, resolve
+from .activations import REGISTRY, ResolvedActivation, resolve
 
-__all__ = [
-    "Dense", "MLP", "Activation", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh", "Softplus",
-    "convert",
-]
+__all__ = ["Dense", "MLP", "GatedDense", "GatedMLP", "Activation", "activation_of", "torch_activation"]
 
 
-def _describe(act: ResolvedActivation) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in act.kwargs.items())
-    return f"{act.name}({params})" if params else act.name
+class Dense(nn.Linear):
+    """A fully connected layer with a fused activation: ``y = act(input @ weight.T + bias)``.
 
-
-class Dense(nn.Module):
-    """A fully connected layer with a fused activation: ``y = act(x @ weight.T + bias)``.
-
-    ``weight`` (out_features, in_features) and ``bias`` (out_features) are named, shaped
-    and initialised as in ``nn.Linear``, so state dicts load both ways. ``activation`` is
-    one of ``bpext.ACTIVATIONS`` (default ``"identity"``: exactly ``nn.Linear``); its
-    parameters are keyword arguments, e.g. ``Dense(64, 64, activation="elu", alpha=0.5)``.
-    Input: (*, in_features); output: (*, out_features).
+    An ``nn.Linear`` (a subclass: same constructor arguments, parameter names, shapes,
+    initialisation and state dict, and ``isinstance(m, nn.Linear)`` holds) whose forward is
+    one bpext op each way. ``activation`` is one of ``bpext.ACTIVATIONS`` (default
+    ``"identity"``: exactly ``nn.Linear``); its parameters are keyword arguments, e.g.
+    ``Dense(64, 64, activation="elu", alpha=0.5)``. Input: (*, in_features); output: (*, out_features).
     """
 
     def __init__(
@@ -34,44 +29,34 @@ class Dense(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        activation: str = "identity",
+        activation: str | ResolvedActivation = "identity",
         device=None,
         dtype=None,
         **activation_params: float,
     ) -> None:
-        super().__init__()
         if in_features < 0 or out_features < 0:
             raise ValueError(f"Dense: features must be >= 0, got in={in_features}, out={out_features}")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.activation = resolve(activation, **activation_params)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **factory))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation (the same random draws for the same seed)."""
-        nn.Linear.reset_parameters(self)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, activation: str = "identity", **activation_params: float) -> "Dense":
+    def from_linear(cls, linear: nn.Linear, activation: str | ResolvedActivation = "identity",
+                    **activation_params: float) -> "Dense":
         """A Dense that shares ``linear``'s parameter objects (optimizers holding them keep working)."""
         dense = cls(linear.in_features, linear.out_features, linear.bias is not None, activation,
                     device="meta", **activation_params)
-        dense.weight = linear.weight
-        dense.bias = linear.bias
+        dense.weight, dense.bias = linear.weight, linear.bias
         return dense
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dense(x, self.weight, self.bias, self.activation)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.dense(input, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, activation={_describe(self.activation)}")
+        return f"{super().extra_repr()}, activation={self.activation}"
+
+
+def _linear_stack(widths: list[int], bias: bool, factory: dict) -> nn.ModuleList:
+    return nn.ModuleList(Dense(a, b, bias, **factory) for a, b in zip(widths[:-1], widths[1:]))
 
 
 class MLP(nn.Module):
@@ -80,9 +65,9 @@ class MLP(nn.Module):
     Layers ``in_features -> hidden_features[0] -> ... -> out_features``; hidden layers use
     ``activation`` (its parameters as keyword arguments), the last ``output_activation``
     (a name or ``bpext.resolve(...)``). Parameters live in ``self.layers``, a ModuleList
-    of ``Dense`` shaped like a stack of ``nn.Linear``; ``to_sequential()`` and
-    ``from_sequential()`` convert to and from the native ``nn.Sequential`` (sharing the
-    parameters), so state dicts convert both ways. Backward keeps one tensor per layer.
+    shaped like a stack of ``nn.Linear``; ``to_sequential()`` and ``from_sequential()``
+    convert to and from the native ``nn.Sequential`` (sharing the parameters). Backward
+    keeps one tensor per layer.
     """
 
     def __init__(
@@ -90,7 +75,7 @@ class MLP(nn.Module):
         in_features: int,
         hidden_features: list[int],
         out_features: int,
-        activation: str = "relu",
+        activation: str | ResolvedActivation = "relu",
         bias: bool = True,
         output_activation: str | ResolvedActivation = "identity",
         device=None,
@@ -101,18 +86,14 @@ class MLP(nn.Module):
         self.activation = resolve(activation, **activation_params)
         self.output_activation = resolve(output_activation)
         widths = [in_features, *hidden_features, out_features]
-        acts = [self.activation] * len(hidden_features) + [self.output_activation]
-        self.layers = nn.ModuleList(
-            Dense(a, b, bias, act.name, device=device, dtype=dtype, **act.kwargs)
-            for a, b, act in zip(widths[:-1], widths[1:], acts)
-        )
+        self.layers = _linear_stack(widths, bias, {"device": device, "dtype": dtype})
 
     @property
     def widths(self) -> list[int]:
         return [self.layers[0].in_features] + [layer.out_features for layer in self.layers]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.mlp(x, [layer.weight for layer in self.layers], [layer.bias for layer in self.layers],
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.mlp(input, [layer.weight for layer in self.layers], [layer.bias for layer in self.layers],
                      self.activation, self.output_activation)
 
     @classmethod
@@ -120,8 +101,8 @@ class MLP(nn.Module):
                      output_activation: ResolvedActivation) -> "MLP":
         """An MLP over the given layers' parameter objects (optimizers holding them keep working)."""
         widths = [linears[0].in_features] + [lin.out_features for lin in linears]
-        mlp = cls(widths[0], widths[1:-1], widths[-1], activation.name, linears[0].bias is not None,
-                  output_activation, device="meta", **activation.kwargs)
+        mlp = cls(widths[0], widths[1:-1], widths[-1], activation, linears[0].bias is not None, output_activation,
+                  device="meta")
         for dense, lin in zip(mlp.layers, linears):
             dense.weight, dense.bias = lin.weight, lin.bias
         return mlp
@@ -129,11 +110,16 @@ class MLP(nn.Module):
     @classmethod
     def from_sequential(cls, seq: nn.Sequential) -> "MLP":
         """From ``nn.Sequential(Linear, act, Linear, act, ..., Linear[, act])`` with one hidden activation."""
-        chain = _mlp_chain(list(seq), 0, min_layers=1)
-        if chain is None or chain[0] != len(seq):
+        mods = list(seq)
+        linears = mods[::2]
+        acts = [activation_of(m) for m in mods[1::2]]
+        if (not linears or any(type(m) is not nn.Linear for m in linears) or None in acts
+                or len(set(acts[:len(linears) - 1])) > 1):
             raise ValueError("MLP.from_sequential: expected Linear, act, Linear, ..., Linear[, act] with one "
                              "supported hidden activation throughout")
-        _, linears, hidden, output = chain
+        identity = resolve("identity")
+        hidden = acts[0] if len(linears) > 1 else identity
+        output = acts[len(linears) - 1] if len(acts) == len(linears) else identity
         return cls.from_linears(linears, hidden, output)
 
     def to_sequential(self) -> nn.Sequential:
@@ -145,190 +131,133 @@ class MLP(nn.Module):
             modules.append(lin)
             act = self.output_activation if i == len(self.layers) - 1 else self.activation
             if act.name != "identity":
-                modules.append(_torch_activation(act))
+                modules.append(torch_activation(act))
         return nn.Sequential(*modules)
 
     def extra_repr(self) -> str:
-        return (f"widths={self.widths}, activation={_describe(self.activation)}, "
-                f"output_activation={_describe(self.output_activation)}")
+        return f"widths={self.widths}, activation={self.activation}, output_activation={self.output_activation}"
+
+
+class GatedDense(nn.Module):
+    """A gated linear unit: ``act(gate_proj(input)) * up_proj(input)``, one op each way.
+
+    SwiGLU with ``activation="silu"`` (the default), GeGLU with ``"gelu"``, ReGLU with
+    ``"relu"``. ``gate_proj`` and ``up_proj`` are ``Dense`` (nn.Linear) layers named as in
+    LLaMA. Backward keeps the two pre-activations (native keeps four tensors).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, bias: bool = True,
+                 activation: str | ResolvedActivation = "silu", device=None, dtype=None, **activation_params: float):
+        super().__init__()
+        self.activation = resolve(activation, **activation_params)
+        self.gate_proj = Dense(in_features, hidden_features, bias, device=device, dtype=dtype)
+        self.up_proj = Dense(in_features, hidden_features, bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.gated(input, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias,
+                       self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+class GatedMLP(GatedDense):
+    """A gated MLP block, ``down_proj(act(gate_proj(input)) * up_proj(input))``, one op each way:
+    the MLP of LLaMA, Mistral, Qwen and Gemma, with their parameter names (its state dict loads
+    from theirs). Backward keeps the two pre-activations only, half of what native keeps."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
+                 activation: str | ResolvedActivation = "silu", device=None, dtype=None, **activation_params: float):
+        super().__init__(in_features, hidden_features, bias, activation, device, dtype, **activation_params)
+        out_features = in_features if out_features is None else out_features
+        self.down_proj = Dense(hidden_features, out_features, bias, device=device, dtype=dtype)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.gated_mlp(input, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                           self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, self.activation)
 
 
 class Activation(nn.Module):
     """An activation by name: ``Activation("softplus", beta=2.0)``."""
 
-    def __init__(self, activation: str, **params: float) -> None:
+    def __init__(self, activation: str | ResolvedActivation, **params: float) -> None:
         super().__init__()
         self.activation = resolve(activation, **params)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.activation(x, self.activation)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.activation(input, self.activation)
 
     def extra_repr(self) -> str:
-        return _describe(self.activation)
+        return repr(self.activation)
 
 
-# Modules mirroring torch.nn's names and arguments. ``inplace`` is accepted so that code
-# written for torch.nn runs unchanged; bpext never overwrites its input.
+# ---- activation modules generated from the registry ------------------------------------------
 
 
-class ReLU(Activation):
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__("relu")
+def activation_of(module: nn.Module) -> ResolvedActivation | None:
+    """The bpext activation that a torch.nn (or bpext) activation module computes, read from its
+    attributes; None for any other module or a setting bpext does not support."""
+    if isinstance(module, Activation):
+        return module.activation
+    kind = _TORCH_BASE.get(type(module))
+    for spec in _SPECS_BY_MODULE.get(kind, ()):
+        if all(getattr(module, k, None) == v for k, v in spec.torch.fixed.items()):
+            try:
+                return resolve(spec.name, **{p.name: getattr(module, p.name) for p in spec.params})
+            except (ValueError, TypeError):
+                return None
+    return None
 
 
-class LeakyReLU(Activation):
-    def __init__(self, negative_slope: float = 0.01, inplace: bool = False) -> None:
-        super().__init__("leaky_relu", negative_slope=negative_slope)
+def torch_activation(act: ResolvedActivation) -> nn.Module:
+    """The torch.nn module computing ``act`` (bpext's own where torch.nn has none)."""
+    t = act.spec.torch
+    return t.module(**t.fixed, **act.kwargs) if t.module is not None else globals()[t.module_name]()
 
 
-class ELU(Activation):
-    def __init__(self, alpha: float = 1.0, inplace: bool = False) -> None:
-        super().__init__("elu", alpha=alpha)
+def _make_torch_twin(torch_class: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of a torch.nn activation class whose forward is bpext's: same constructor,
+    attributes and repr, so a module can also become one in place (convert keeps its hooks)."""
+
+    def __init__(self, *args, **kwargs):
+        torch_class.__init__(self, *args, **kwargs)
+        if activation_of(self) is None:
+            raise ValueError(f"{torch_class.__name__}({self.extra_repr()}): a setting bpext does not support")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        key = tuple(getattr(self, name) for name in self._bpext_attributes)
+        if self.__dict__.get("_bpext_key") != key:
+            self.__dict__["_bpext_activation"], self.__dict__["_bpext_key"] = activation_of(self), key
+        return F.activation(input, self._bpext_activation)
+
+    names = sorted({p.name for s in _SPECS_BY_MODULE[torch_class] for p in s.params}
+                   | {k for s in _SPECS_BY_MODULE[torch_class] for k in s.torch.fixed})
+    doc = f"``torch.nn.{torch_class.__name__}`` computed by bpext's kernels (same arguments)."
+    return type(torch_class.__name__, (torch_class,), {
+        "__init__": __init__, "forward": forward, "__doc__": doc, "__module__": __name__,
+        "_bpext_attributes": tuple(names)})
 
 
-class GELU(Activation):
-    def __init__(self, approximate: str = "none") -> None:
-        if approximate not in ("none", "tanh"):
-            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got '{approximate}'")
-        super().__init__("gelu" if approximate == "none" else "gelu_tanh")
+def _make_named(spec) -> type[nn.Module]:
+    """A module for an activation that torch.nn does not have (e.g. QuickGELU)."""
+    def __init__(self, **params: float) -> None:
+        Activation.__init__(self, spec.name, **params)
+
+    return type(spec.torch.module_name, (Activation,), {
+        "__init__": __init__, "__doc__": f"The {spec.name} activation computed by bpext.", "__module__": __name__})
 
 
-class SiLU(Activation):
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__("silu")
-
-
-class Mish(Activation):
-    def __init__(self, inplace: bool = False) -> None:
-        super().__init__("mish")
-
-
-class Sigmoid(Activation):
-    def __init__(self) -> None:
-        super().__init__("sigmoid")
-
-
-class Tanh(Activation):
-    def __init__(self) -> None:
-        super().__init__("tanh")
-
-
-class Softplus(Activation):
-    def __init__(self, beta: float = 1.0, threshold: float = 20.0) -> None:
-        super().__init__("softplus", beta=beta, threshold=threshold)
-
-
-def _native_activation(module: nn.Module) -> ResolvedActivation | None:
-    """The bpext activation equal to a torch.nn activation module, or None."""
-    kind = type(module)
-    if kind is nn.ReLU:
-        return resolve("relu")
-    if kind is nn.LeakyReLU:
-        return resolve("leaky_relu", negative_slope=module.negative_slope) if module.negative_slope >= 0 else None
-    if kind is nn.ELU:
-        return resolve("elu", alpha=module.alpha) if module.alpha >= 0 else None
-    if kind is nn.GELU:
-        return resolve("gelu" if module.approximate == "none" else "gelu_tanh")
-    if kind is nn.Softplus:
-        return resolve("softplus", beta=module.beta, threshold=module.threshold) if module.beta > 0 else None
-    simple = {nn.SiLU: "silu", nn.Mish: "mish", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-    return resolve(simple[kind]) if kind in simple else None
-
-
-def _torch_activation(act: ResolvedActivation) -> nn.Module:
-    """The torch.nn module computing ``act``."""
-    kw = act.kwargs
-    return {
-        "relu": lambda: nn.ReLU(), "leaky_relu": lambda: nn.LeakyReLU(**kw), "elu": lambda: nn.ELU(**kw),
-        "gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": lambda: nn.SiLU(),
-        "mish": lambda: nn.Mish(), "sigmoid": lambda: nn.Sigmoid(), "tanh": lambda: nn.Tanh(),
-        "softplus": lambda: nn.Softplus(**kw),
-    }[act.name]()
-
-
-def _mlp_chain(mods: list[nn.Module], start: int, min_layers: int = 2):
-    """The MLP starting at mods[start]: (end index, linears, hidden act, output act), or None.
-
-    It is ``Linear (act Linear)* [act]``: at least ``min_layers`` Linear layers, every hidden
-    activation the same (none at all between the layers means identity), and an
-    optional final activation (identity without one).
-    """
-    if start >= len(mods) or type(mods[start]) is not nn.Linear:
-        return None
-    linears, hidden, i = [mods[start]], None, start + 1
-    while i < len(mods):
-        if type(mods[i]) is nn.Linear:  # Linear directly after Linear: identity between them
-            act, step = resolve("identity"), 1
-        elif i + 1 < len(mods) and type(mods[i + 1]) is nn.Linear:
-            act, step = _native_activation(mods[i]), 2
-        else:
-            break
-        if act is None or (hidden is not None and act != hidden):
-            break
-        hidden = act
-        linears.append(mods[i + step - 1])
-        i += step
-    if len(linears) < min_layers:
-        return None
-    output = _native_activation(mods[i]) if i < len(mods) else None
-    if output is not None:
-        i += 1
-    identity = resolve("identity")
-    return i, linears, hidden or identity, output or identity
-
-
-def convert(model: nn.Module, fuse_mlp: bool = True) -> nn.Module:
-    """Swaps torch.nn layers for bpext ones, in place, and returns the model.
-
-    Inside an ``nn.Sequential``, a chain ``Linear, act, Linear, ..., Linear[, act]`` with
-    one hidden activation becomes one ``MLP`` at the chain's first slot (the other slots
-    become ``nn.Identity``; state-dict keys change to the MLP's). With ``fuse_mlp=False``,
-    or for a single ``nn.Linear`` followed by a supported activation, each pair becomes
-    one fused ``Dense`` (the activation's slot becomes ``nn.Identity``, so state-dict
-    keys are unchanged). Any other ``nn.Linear`` becomes ``Dense`` and any
-    supported activation module its bpext twin. The parameter objects are kept, so
-    outputs, gradients and existing optimizers are unaffected. Subclasses of
-    ``nn.Linear`` (such as attention's out_proj, whose weight is read directly) and
-    unsupported settings (a negative leaky_relu slope) are left alone.
-    """
-    replacement = _convert_module(model)
-    if replacement is not None:
-        return replacement
-    if isinstance(model, nn.Sequential):
-        if fuse_mlp:
-            _fuse_mlp_chains(model)
-        _fuse_linear_activation(model)
-    for name, child in model.named_children():
-        new = convert(child, fuse_mlp)
-        if new is not child:
-            setattr(model, name, new)
-    return model
-
-
-def _convert_module(module: nn.Module) -> nn.Module | None:
-    if type(module) is nn.Linear:
-        return Dense.from_linear(module)
-    act = _native_activation(module)
-    return Activation(act.name, **act.kwargs) if act is not None else None
-
-
-def _fuse_linear_activation(seq: nn.Sequential) -> None:
-    for i in range(len(seq) - 1):
-        act = _native_activation(seq[i + 1])
-        if type(seq[i]) is nn.Linear and act is not None:
-            seq[i] = Dense.from_linear(seq[i], act.name, **act.kwargs)
-            seq[i + 1] = nn.Identity()
-
-
-def _fuse_mlp_chains(seq: nn.Sequential) -> None:
-    mods, i = list(seq), 0
-    while i < len(mods):
-        chain = _mlp_chain(mods, i)
-        if chain is None:
-            i += 1
-            continue
-        end, linears, hidden, output = chain
-        seq[i] = MLP.from_linears(linears, hidden, output)
-        for j in range(i + 1, end):
-            seq[j] = nn.Identity()
-        i = end
+_SPECS_BY_MODULE: dict[type, list] = {}
+for _spec in REGISTRY.values():
+    if _spec.torch.module is not None and _spec.torch.module is not nn.Identity:
+        _SPECS_BY_MODULE.setdefault(_spec.torch.module, []).append(_spec)
+_TORCH_BASE: dict[type, type] = {cls: cls for cls in _SPECS_BY_MODULE}  # and each bpext twin -> its torch class
+TWINS: dict[type, type] = {}  # torch.nn class -> its bpext twin
+for _cls in _SPECS_BY_MODULE:
+    TWINS[_cls] = _make_torch_twin(_cls)
+    _TORCH_BASE[TWINS[_cls]] = _cls
+    setattr(sys.modules[__name__], _cls.__name__, TWINS[_cls])
+for _spec in REGISTRY.values():
+    if _spec.torch.module_name is not None:
+        setattr(sys.modules[__name__], _spec.torch.module_name, _make_named(_spec))
+__all__ += [cls.__name__ for cls in TWINS] + [s.torch.module_name for s in REGISTRY.values() if s.torch.module_name]

@@ -1,57 +1,138 @@
-// The single definition of the bpext operator library: every op's schema.
-// Backends add kernels with TORCH_LIBRARY_IMPL in kernels/cpu and kernels/cuda.
+// The single definition of the bpext operator library: every op's schema. The kernels
+// (kernels/ops.cpp) are registered per device by each backend's BPEXT_BACKEND line.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <string>
+
+#include "bpext/backend.h"
 #include "bpext/config.h"
 
 namespace bpext {
+namespace {
 
-std::atomic<bool>& cublaslt_epilogue_enabled() {
+std::string& load_error() {
+  static std::string error;
+  return error;
+}
+
+void define_ops(torch::Library& m) {
+  // x: (*) -> y: (*)
+  m.def("activation_forward(Tensor x, str activation, float[] params) -> Tensor");
+  // grad_y, saved: (*) -> grad_x: (*); saved is y or z, as the activation's save policy says
+  m.def("activation_backward(Tensor grad_y, Tensor saved, str activation, float[] params) -> Tensor");
+  // The backward of activation_backward: grad_grad_x, grad_y, saved: (*)
+  //   -> grad of grad_y = grad_grad_x * act'(s), grad of saved = grad_grad_x * grad_y * d act'(s) / ds
+  m.def(
+      "activation_double_backward(Tensor grad_grad_x, Tensor grad_y, Tensor saved, str activation, "
+      "float[] params) -> (Tensor, Tensor)");
+  // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact
+  m.def(
+      "dense_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float[] params, bool return_preact) "
+      "-> (Tensor, Tensor)");
+  // grad_y, saved: (*, OUT), x: (*, IN), weight: (OUT, IN)
+  //   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
+  m.def(
+      "dense_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor saved, str activation, float[] params, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // x: (*, IN), weight_gate, weight_up: (H, IN), biases: (H)
+  //   -> y = act(x Wg^T + bg) * (x Wu^T + bu): (*, H), and the two pre-activations (*, H) or (0) unless save
+  m.def(
+      "gated_forward(Tensor x, Tensor weight_gate, Tensor? bias_gate, Tensor weight_up, Tensor? bias_up, "
+      "str activation, float[] params, bool save) -> (Tensor, Tensor, Tensor)");
+  // grad_y, gate, up: (*, H) -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up
+  m.def(
+      "gated_backward(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor gate, Tensor up, "
+      "str activation, float[] params, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The gated layer followed by its down projection weight_down: (OUT, H), bias_down: (OUT)
+  //   -> y: (*, OUT), and the two pre-activations (*, H) or (0) unless save
+  m.def(
+      "gated_mlp_forward(Tensor x, Tensor weight_gate, Tensor? bias_gate, Tensor weight_up, Tensor? bias_up, "
+      "Tensor weight_down, Tensor? bias_down, str activation, float[] params, bool save) "
+      "-> (Tensor, Tensor, Tensor)");
+  // -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up, grad_weight_down, grad_bias_down
+  m.def(
+      "gated_mlp_backward(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor weight_down, "
+      "Tensor gate, Tensor up, str activation, float[] params, bool[7] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or None; hidden layers use
+  // `activation`, the last `output_activation`
+  //   -> y: (*, OUT), saved: one tensor per layer when `save` (see bpext/backend.h)
+  m.def(
+      "mlp_forward(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, float[] params, "
+      "str output_activation, float[] output_params, bool save) -> (Tensor, Tensor[])");
+  // -> grad_x: (*, W0) or (0) unless input_grad, grad_weights[l], grad_biases[l] ((0) for a layer without bias)
+  m.def(
+      "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor?[] biases, Tensor[] saved, "
+      "str activation, float[] params, str output_activation, float[] output_params, bool input_grad) "
+      "-> (Tensor, Tensor[], Tensor[])");
+
+  // The activation list (bpext/activations.h) as text, one line per activation:
+  // "name saves param=default:rule ...". bpext/activations.py builds its registry from it.
+  m.def("_activation_table() -> str", [] {
+    constexpr const char* kSaves[] = {"nothing", "output", "input"};
+    constexpr const char* kRules[] = {"finite", "nonzero", "not_nan"};
+    std::string out;
+    for (const auto& a : kActivations) {
+      out += std::string(a.name) + " " + kSaves[static_cast<int>(a.saves)];
+      for (int i = 0; i < a.n_params; ++i) {
+        out += " " + std::string(a.params[i].name) + "=" + show(a.params[i].default_value) + ":" +
+               kRules[static_cast<int>(a.params[i].rule)];
+      }
+      out += "\n";
+    }
+    return out;
+  });
+  // Raises where an op would for these parameters (float64 bounds), so modules can check at construction.
+  m.def("_check_activation(str activation, float[] params) -> ()",
+        [](c10::string_view activation, at::ArrayRef<double> params) {
+          parse_activation(activation, params, at::kDouble, "bpext");
+        });
+  // ReLU layers with a bias finish inside the GEMM (cuBLASLt's epilogue on CUDA); returns the previous value.
+  m.def("_set_gemm_epilogue(bool enabled) -> bool",
+        [](bool enabled) { return gemm_epilogue_enabled().exchange(enabled); });
+}
+
+}  // namespace
+
+std::atomic<bool>& gemm_epilogue_enabled() {
   static std::atomic<bool> enabled{true};
   return enabled;
 }
 
-static bool set_cublaslt_epilogue(bool enabled) { return cublaslt_epilogue_enabled().exchange(enabled); }
+bool define_library() {
+  // A second copy of this library (a vendored build) finds the namespace taken. That must
+  // not abort the process from a static initializer: the error is kept for PyInit__C.
+  static const bool ok = [] {
+    try {
+      static torch::Library library(torch::Library::DEF, "bpext", std::nullopt, __FILE__, __LINE__);
+      define_ops(library);
+      return true;
+    } catch (const std::exception& e) {
+      load_error() = e.what();
+      return false;
+    }
+  }();
+  return ok;
+}
+
+namespace {
+const bool defined_at_load = define_library();
+}
 
 }  // namespace bpext
 
-// `import bpext._C` loads this library, which registers the ops below.
+// `import bpext._C` loads this library, which registers the ops above.
 PyMODINIT_FUNC PyInit__C(void) {
+  if (!bpext::define_library()) {
+    const std::string message =
+        "bpext._C: another copy of bpext's kernels is already loaded in this process (the torch.ops.bpext "
+        "namespace is taken); import only one bpext. Details: " +
+        bpext::load_error().substr(0, bpext::load_error().find('\n'));
+    PyErr_SetString(PyExc_ImportError, message.c_str());
+    return nullptr;
+  }
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
-}
-
-TORCH_LIBRARY(bpext, m) {
-  // x: (*) -> y: (*)
-  m.def("activation_forward(Tensor x, str activation, float p0, float p1) -> Tensor");
-  // grad_y, saved: (*) -> grad_x: (*); saved is y or z, as the activation's policy says
-  m.def("activation_backward(Tensor grad_y, Tensor saved, str activation, float p0, float p1) -> Tensor");
-  // The backward of activation_backward: grad_grad_x, grad_y, saved: (*)
-  //   -> grad of grad_y = grad_grad_x * act'(s), grad of saved = grad_grad_x * grad_y * d act'(s) / ds
-  m.def(
-      "activation_double_backward(Tensor grad_grad_x, Tensor grad_y, Tensor saved, str activation, float p0, "
-      "float p1) -> (Tensor, Tensor)");
-  // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact
-  m.def(
-      "dense_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float p0, float p1, "
-      "bool return_preact) -> (Tensor, Tensor)");
-  // grad_y, saved: (*, OUT), x: (*, IN), weight: (OUT, IN)
-  //   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
-  m.def(
-      "dense_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor saved, str activation, float p0, "
-      "float p1, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
-  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or None; hidden layers use
-  // `activation` (p0, p1), the last `output_activation` (q0, q1)
-  //   -> y: (*, OUT), saved: one tensor per layer when `save` (see kernels/mlp.cpp)
-  m.def(
-      "mlp_forward(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, float p0, float p1, "
-      "str output_activation, float q0, float q1, bool save) -> (Tensor, Tensor[])");
-  // -> grad_x: (*, W0) or (0) unless input_grad, grad_weights[l], grad_biases[l] ((0) for a layer without bias)
-  m.def(
-      "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor?[] biases, Tensor[] saved, "
-      "str activation, float p0, float p1, str output_activation, float q0, float q1, bool input_grad) "
-      "-> (Tensor, Tensor[], Tensor[])");
-  // Returns the previous value; see bpext/config.h.
-  m.def("_set_cublaslt_epilogue(bool enabled) -> bool", &bpext::set_cublaslt_epilogue);
 }

@@ -1,13 +1,17 @@
 // The CPU's SIMD side of the activation math: a math policy over at::vec::Vectorized
-// (Sleef-backed under AVX2) and loads/stores that widen bfloat16/float16 to float.
+// (Sleef-backed), loads and stores that widen bfloat16/float16 to float, and the two
+// loop shapes every CPU pass uses (an elementwise map, and a row map with column sums).
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <type_traits>
+#include <vector>
 
 #include "bpext/activations.h"
 
@@ -24,9 +28,12 @@ struct VecMath {
   static V log1p(const V& x) { return x.log1p(); }
   static V tanh(const V& x) { return x.tanh(); }
   static V erf(const V& x) { return x.erf(); }
+  static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }  // NaN propagates
+  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static Mask lt(const V& a, const V& b) { return a < b; }
   static Mask le(const V& a, const V& b) { return a <= b; }
   static Mask gt(const V& a, const V& b) { return a > b; }
+  static Mask both(const Mask& a, const Mask& b) { return a & b; }
   static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };
 
@@ -48,6 +55,7 @@ struct VecIO {
   }
   // The first `count` lanes from p, the rest zero.
   static V load(const T* p, int64_t count) {
+    if (count == kWidth) return load(p);
     if constexpr (std::is_same_v<T, O>) {
       return V::loadu(p, count);
     } else {
@@ -81,12 +89,64 @@ inline void map_span(int64_t n, const F& f, T* out, const In*... in) {
     IO::store(out + i, r0);
     IO::store(out + i + W, r1);
   }
-  for (; i + W <= n; i += W) {
-    IO::store(out + i, f(IO::load(in + i)...));
+  for (; i < n; i += W) {
+    const int64_t count = std::min(W, n - i);
+    IO::store(out + i, f(IO::load(in + i, count)...), count);
   }
-  if (i < n) {
-    const int64_t rest = n - i;
-    IO::store(out + i, f(IO::load(in + i, rest)...), rest);
+}
+
+// map_span over n elements, in parallel.
+template <class T, class F, class... In>
+inline void parallel_map(int64_t n, const F& f, T* out, const In*... in) {
+  constexpr int64_t kGrainElements = 1 << 15;
+  at::parallel_for(0, n, kGrainElements, [&](int64_t begin, int64_t end) {
+    map_span(end - begin, f, out + begin, (in + begin)...);
+  });
+}
+
+// Rows per chunk of a column-sum reduction. A function of the row count alone, never of
+// the thread count, so the summation order (and the result, bitwise) is fixed.
+inline int64_t reduction_chunk_rows(int64_t rows) { return std::max<int64_t>(8, (rows + 63) / 64); }
+
+// For each of `rows` rows of `cols` elements: the K results of f(in...) go to out[k] (unless
+// null) and are summed down the columns into sums[k] (unless null). Rows are summed per chunk
+// in the compute type, and the chunks added in order.
+template <size_t K, class T, class F, class... In>
+void map_rows_with_sums(int64_t rows, int64_t cols, const F& f, std::array<T*, K> out, std::array<T*, K> sums,
+                        const In*... in) {
+  using IO = VecIO<T>;
+  using O = typename IO::O;
+  using V = typename IO::V;
+  constexpr int64_t W = IO::kWidth;
+  const int64_t chunk_rows = reduction_chunk_rows(rows);
+  const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
+  const bool summing = std::any_of(sums.begin(), sums.end(), [](T* s) { return s != nullptr; });
+  std::vector<O> partial(summing ? chunks * K * cols : 0, O(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      O* acc = summing ? partial.data() + c * K * cols : nullptr;
+      for (int64_t i = c * chunk_rows; i < std::min(rows, (c + 1) * chunk_rows); ++i) {
+        const int64_t row = i * cols;
+        for (int64_t j = 0; j < cols; j += W) {
+          const int64_t n = std::min(W, cols - j);
+          const std::array<V, K> r = f(IO::load(in + row + j, n)...);
+          for (size_t k = 0; k < K; ++k) {
+            if (out[k] != nullptr) IO::store(out[k] + row + j, r[k], n);
+            if (sums[k] != nullptr) (V::loadu(acc + k * cols + j, n) + r[k]).store(acc + k * cols + j, n);
+          }
+        }
+      }
+    }
+  });
+  for (size_t k = 0; k < K; ++k) {
+    if (sums[k] == nullptr) continue;
+    at::parallel_for(0, cols, 1024, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        O total = 0;
+        for (int64_t c = 0; c < chunks; ++c) total += partial[(c * K + k) * cols + j];
+        sums[k][j] = static_cast<T>(total);
+      }
+    });
   }
 }
 

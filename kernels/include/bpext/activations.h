@@ -1,19 +1,28 @@
-// Every activation's math, written once.
+// Every activation, written once.
 //
-// Each activation is a struct Act<A, M> with
+// BPEXT_ACTIVATIONS below is the list: one line per activation with its name, what its
+// backward reads, and its parameters. The enum, the names, the parameter checks, the save
+// policy and the dispatch (visit_activation) are all generated from it; Python reads the
+// same list through the extension (bpext._activation_table). The math is one functor
+// per activation, Act<A, M>:
 //   forward(z)      -> y = act(z)
 //   backward(g, s)  -> dz = g * act'(.), where s is the tensor the activation saves:
-//                      the output y when kSavesOutput, else the pre-activation z.
+//                      the output y (Saves::kOutput), the input z (kInput), or nothing.
 //   second(s)       -> d act'(.) / ds, the derivative of backward's factor with respect
 //                      to the saved tensor (for double backward).
 // M is a math policy: ScalarMath<T> below (one element, host and device) or the
 // CPU's VecMath<T> (one SIMD vector, kernels/cpu/vec_math.h). A formula only uses
 // M's functions, arithmetic operators and M::c(constant), so the same text runs as
-// a CUDA thread, a scalar host loop, or an AVX2 loop.
+// a CUDA thread, a scalar host loop, or an AVX2/AVX-512 loop.
+//
+// Adding an activation: one line in BPEXT_ACTIVATIONS, one functor, one line in the
+// Python table (bpext/activations.py).
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -24,33 +33,85 @@
 
 namespace bpext {
 
-enum class Activation : int {
-  kIdentity,
-  kRelu,
-  kLeakyRelu,
-  kElu,
-  kGelu,
-  kGeluTanh,
-  kSilu,
-  kMish,
-  kSigmoid,
-  kTanh,
-  kSoftplus,
+// What an activation's backward reads: its output y, its input z, or nothing at all.
+// y only where the derivative follows from it without cancellation (and where native
+// PyTorch saves y too, so that in-place ops on the output behave the same).
+enum class Saves { kNothing, kOutput, kInput };
+
+// What a parameter value must be (checked once per call, with the op's name in the message).
+enum class Rule {
+  kFinite,   // finite
+  kNonzero,  // finite and not 0
+  kNotNan,   // anything but NaN (+-inf allowed)
 };
 
-// The activation's two numeric parameters, in torch.nn.functional's meaning:
-//   leaky_relu: p0 = negative_slope
-//   elu:        p0 = alpha
-//   softplus:   p0 = beta, p1 = threshold
-// M::V is float/double on the scalar path and a broadcast SIMD vector on the CPU path.
+struct Param {
+  std::string_view name;  // torch.nn.functional's keyword
+  double default_value = 0;
+  Rule rule = Rule::kFinite;
+};
+
+//   X(Enum, "name", saves, Param{...}...)     parameters in torch.nn.functional's order
+#define BPEXT_ACTIVATIONS(X)                                                                          \
+  X(Identity, "identity", kNothing)                                                                   \
+  X(Relu, "relu", kOutput)                                                                            \
+  X(LeakyRelu, "leaky_relu", kInput, Param{"negative_slope", 0.01, Rule::kFinite})                    \
+  X(Elu, "elu", kInput, Param{"alpha", 1.0, Rule::kFinite})                                           \
+  X(Gelu, "gelu", kInput)                                                                             \
+  X(GeluTanh, "gelu_tanh", kInput)                                                                    \
+  X(Silu, "silu", kInput)                                                                             \
+  X(Mish, "mish", kInput)                                                                             \
+  X(Sigmoid, "sigmoid", kOutput)                                                                      \
+  X(Tanh, "tanh", kOutput)                                                                            \
+  X(Softplus, "softplus", kInput, Param{"beta", 1.0, Rule::kNonzero}, Param{"threshold", 20.0, Rule::kNotNan}) \
+  X(QuickGelu, "quick_gelu", kInput)                                                                  \
+  X(Hardswish, "hardswish", kInput)
+
+enum class Activation : int {
+#define BPEXT_ENUM(E, ...) k##E,
+  BPEXT_ACTIVATIONS(BPEXT_ENUM)
+#undef BPEXT_ENUM
+};
+
+constexpr int kMaxParams = 2;
+
+struct ActivationInfo {
+  Activation kind;
+  std::string_view name;
+  Saves saves;
+  std::array<Param, kMaxParams> params;  // the first `n_params` are used
+  int n_params;
+};
+
+namespace detail {
+template <class... P>
+constexpr ActivationInfo make_info(Activation kind, std::string_view name, Saves saves, P... params) {
+  static_assert(sizeof...(P) <= kMaxParams, "raise kMaxParams");
+  return {kind, name, saves, {params...}, static_cast<int>(sizeof...(P))};
+}
+}  // namespace detail
+
+inline constexpr ActivationInfo kActivations[] = {
+#define BPEXT_INFO(E, name, saves, ...) detail::make_info(Activation::k##E, name, Saves::saves, ##__VA_ARGS__),
+    BPEXT_ACTIVATIONS(BPEXT_INFO)
+#undef BPEXT_INFO
+};
+
+constexpr const ActivationInfo& info(Activation a) { return kActivations[static_cast<int>(a)]; }
+
+template <Activation A>
+inline constexpr Saves kSaves = info(A).saves;
+
+// The activation's parameters, in the list's order (negative_slope; alpha; beta, threshold).
+// V is float/double on the scalar path and a broadcast SIMD vector on the CPU path.
 template <class V>
 struct Params {
   V p0, p1;
 };
 
 template <class M>
-BPEXT_HD Params<typename M::V> make_params(double p0, double p1) {
-  return {M::c(p0), M::c(p1)};
+BPEXT_HD Params<typename M::V> make_params(const std::array<double, kMaxParams>& p) {
+  return {M::c(p[0]), M::c(p[1])};
 }
 
 // One element of compute type T (float or double).
@@ -64,10 +125,14 @@ struct ScalarMath {
   BPEXT_HD static V log1p(V x) { return std::log1p(x); }
   BPEXT_HD static V tanh(V x) { return std::tanh(x); }
   BPEXT_HD static V erf(V x) { return std::erf(x); }
+  // std::min / std::max: NaN in `a` propagates.
+  BPEXT_HD static V min(V a, V b) { return b < a ? b : a; }
+  BPEXT_HD static V max(V a, V b) { return a < b ? b : a; }
   // Comparisons are ordered: false when either side is NaN, as in ATen's kernels.
   BPEXT_HD static Mask lt(V a, V b) { return a < b; }
   BPEXT_HD static Mask le(V a, V b) { return a <= b; }
   BPEXT_HD static Mask gt(V a, V b) { return a > b; }
+  BPEXT_HD static Mask both(Mask a, Mask b) { return a && b; }
   BPEXT_HD static V select(Mask m, V a, V b) { return m ? a : b; }
 };
 
@@ -77,7 +142,6 @@ struct Act;
 template <class M>
 struct Act<Activation::kIdentity, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = true;
   BPEXT_HD static V forward(V z, const Params<V>&) { return z; }
   BPEXT_HD static V backward(V g, V, const Params<V>&) { return g; }
   BPEXT_HD static V second(V, const Params<V>&) { return M::c(0); }
@@ -86,7 +150,6 @@ struct Act<Activation::kIdentity, M> {
 template <class M>
 struct Act<Activation::kRelu, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = true;
   // NaN passes through (z < 0 is false), like torch.relu.
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::select(M::lt(z, M::c(0)), M::c(0), z); }
   // Like ATen's threshold_backward: the gradient is 0, not g * 0, where y <= 0.
@@ -97,40 +160,34 @@ struct Act<Activation::kRelu, M> {
 template <class M>
 struct Act<Activation::kLeakyRelu, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = true;  // valid because negative_slope >= 0 is enforced
   BPEXT_HD static V forward(V z, const Params<V>& p) { return M::select(M::gt(z, M::c(0)), z, z * p.p0); }
-  BPEXT_HD static V backward(V g, V y, const Params<V>& p) { return M::select(M::gt(y, M::c(0)), g, g * p.p0); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>& p) { return M::select(M::gt(z, M::c(0)), g, g * p.p0); }
   BPEXT_HD static V second(V, const Params<V>&) { return M::c(0); }
 };
 
 template <class M>
 struct Act<Activation::kElu, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = true;  // valid because alpha >= 0 is enforced
   BPEXT_HD static V forward(V z, const Params<V>& p) {
     return M::select(M::le(z, M::c(0)), p.p0 * M::expm1(z), z);
   }
-  // For z <= 0: d/dz alpha*(e^z - 1) = alpha*e^z = y + alpha.
-  BPEXT_HD static V backward(V g, V y, const Params<V>& p) {
-    return M::select(M::le(y, M::c(0)), g * (y + p.p0), g);
+  // alpha * e^z from z itself: recovering it from y as y + alpha cancels (ATen saves z too).
+  BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
+    return M::select(M::le(z, M::c(0)), g * (p.p0 * M::exp(z)), g);
   }
-  // d/dy (y + alpha) = 1 where y <= 0
-  BPEXT_HD static V second(V y, const Params<V>&) { return M::select(M::le(y, M::c(0)), M::c(1), M::c(0)); }
+  BPEXT_HD static V second(V z, const Params<V>& p) { return M::select(M::le(z, M::c(0)), p.p0 * M::exp(z), M::c(0)); }
 };
 
 template <class M>
 struct Act<Activation::kGelu, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = false;
   static constexpr double kSqrtHalf = 0.70710678118654752440;
   static constexpr double kInvSqrt2Pi = 0.39894228040143267794;
   BPEXT_HD static V cdf(V z) { return M::c(0.5) * (M::c(1) + M::erf(z * M::c(kSqrtHalf))); }
+  BPEXT_HD static V pdf(V z) { return M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi); }
   BPEXT_HD static V forward(V z, const Params<V>&) { return z * cdf(z); }
   // d/dz z*Phi(z) = Phi(z) + z*phi(z)
-  BPEXT_HD static V backward(V g, V z, const Params<V>&) {
-    return g * (cdf(z) + z * pdf(z));
-  }
-  BPEXT_HD static V pdf(V z) { return M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * (cdf(z) + z * pdf(z)); }
   // d/dz (Phi + z*phi) = 2*phi - z^2*phi
   BPEXT_HD static V second(V z, const Params<V>&) { return pdf(z) * (M::c(2) - z * z); }
 };
@@ -138,13 +195,10 @@ struct Act<Activation::kGelu, M> {
 template <class M>
 struct Act<Activation::kGeluTanh, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = false;
   static constexpr double kBeta = 0.79788456080286535588;  // sqrt(2/pi)
   static constexpr double kKappa = 0.044715;
   BPEXT_HD static V inner(V z) { return M::c(kBeta) * (z + M::c(kKappa) * z * z * z); }
-  BPEXT_HD static V forward(V z, const Params<V>&) {
-    return M::c(0.5) * z * (M::c(1) + M::tanh(inner(z)));
-  }
+  BPEXT_HD static V forward(V z, const Params<V>&) { return M::c(0.5) * z * (M::c(1) + M::tanh(inner(z))); }
   BPEXT_HD static V backward(V g, V z, const Params<V>&) {
     V t = M::tanh(inner(z));
     V dinner = M::c(kBeta) * (M::c(1) + M::c(3 * kKappa) * z * z);
@@ -162,34 +216,52 @@ struct Act<Activation::kGeluTanh, M> {
 template <class M>
 struct Act<Activation::kSigmoid, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = true;
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::c(1) / (M::c(1) + M::exp(M::c(0) - z)); }
   BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * y * (M::c(1) - y); }
   BPEXT_HD static V second(V y, const Params<V>&) { return M::c(1) - M::c(2) * y; }
 };
 
+// z * sigmoid(k z): silu for k = 1, quick_gelu for k = 1.702.
+template <class M>
+struct SwishOf {
+  using V = typename M::V;
+  using Sigmoid = Act<Activation::kSigmoid, M>;
+  BPEXT_HD static V forward(V z, V k) { return z * Sigmoid::forward(k * z, {}); }
+  // d/dz z*s(kz) = s * (1 + kz*(1 - s))
+  BPEXT_HD static V derivative(V z, V k) {
+    V s = Sigmoid::forward(k * z, {});
+    return s * (M::c(1) + k * z * (M::c(1) - s));
+  }
+  // k s (1 - s) (2 + kz (1 - 2s))
+  BPEXT_HD static V second(V z, V k) {
+    V s = Sigmoid::forward(k * z, {});
+    return k * s * (M::c(1) - s) * (M::c(2) + k * z * (M::c(1) - M::c(2) * s));
+  }
+};
+
 template <class M>
 struct Act<Activation::kSilu, M> {
   using V = typename M::V;
-  using Sigmoid = Act<Activation::kSigmoid, M>;
-  static constexpr bool kSavesOutput = false;
-  BPEXT_HD static V forward(V z, const Params<V>& p) { return z * Sigmoid::forward(z, p); }
-  // d/dz z*s(z) = s * (1 + z*(1 - s))
-  BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
-    V s = Sigmoid::forward(z, p);
-    return g * s * (M::c(1) + z * (M::c(1) - s));
-  }
-  // s(1 - s)(2 + z(1 - 2s))
-  BPEXT_HD static V second(V z, const Params<V>& p) {
-    V s = Sigmoid::forward(z, p);
-    return s * (M::c(1) - s) * (M::c(2) + z * (M::c(1) - M::c(2) * s));
-  }
+  using S = SwishOf<M>;
+  BPEXT_HD static V forward(V z, const Params<V>&) { return S::forward(z, M::c(1)); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * S::derivative(z, M::c(1)); }
+  BPEXT_HD static V second(V z, const Params<V>&) { return S::second(z, M::c(1)); }
+};
+
+// x * sigmoid(1.702 x), as CLIP and OpenAI's GPT models write GELU.
+template <class M>
+struct Act<Activation::kQuickGelu, M> {
+  using V = typename M::V;
+  using S = SwishOf<M>;
+  static constexpr double kScale = 1.702;
+  BPEXT_HD static V forward(V z, const Params<V>&) { return S::forward(z, M::c(kScale)); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * S::derivative(z, M::c(kScale)); }
+  BPEXT_HD static V second(V z, const Params<V>&) { return S::second(z, M::c(kScale)); }
 };
 
 template <class M>
 struct Act<Activation::kTanh, M> {
   using V = typename M::V;
-  static constexpr bool kSavesOutput = true;
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::tanh(z); }
   BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * (M::c(1) - y * y); }
   BPEXT_HD static V second(V y, const Params<V>&) { return M::c(-2) * y; }
@@ -199,7 +271,6 @@ template <class M>
 struct Act<Activation::kMish, M> {
   using V = typename M::V;
   using Sigmoid = Act<Activation::kSigmoid, M>;
-  static constexpr bool kSavesOutput = false;
   BPEXT_HD static V tanh_softplus(V z) { return M::tanh(M::log1p(M::exp(z))); }
   BPEXT_HD static V forward(V z, const Params<V>&) { return z * tanh_softplus(z); }
   // d/dz z*t(z), t = tanh(softplus(z)): t + z * sigmoid(z) * (1 - t^2)
@@ -219,7 +290,6 @@ template <class M>
 struct Act<Activation::kSoftplus, M> {
   using V = typename M::V;
   using Sigmoid = Act<Activation::kSigmoid, M>;
-  static constexpr bool kSavesOutput = false;
   // Linear above the threshold, exactly where torch.nn.functional.softplus is.
   BPEXT_HD static V forward(V z, const Params<V>& p) {
     V zb = z * p.p0;
@@ -239,29 +309,50 @@ struct Act<Activation::kSoftplus, M> {
   }
 };
 
-// Calls f(std::integral_constant<Activation, A>{}) with the run-time activation
-// as a compile-time constant, so each kernel is instantiated once per activation.
+// x * relu6(x + 3) / 6, with ATen's derivative at the kinks (x/3 + 1/2 strictly inside (-3, 3),
+// as its vectorized CPU and its CUDA kernels have it).
+template <class M>
+struct Act<Activation::kHardswish, M> {
+  using V = typename M::V;
+  BPEXT_HD static V forward(V z, const Params<V>&) {
+    return z * M::min(M::max(z + M::c(3), M::c(0)), M::c(6)) / M::c(6);
+  }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) {
+    // Ordered as ATen's: a NaN input falls through to the formula and gives NaN.
+    return M::select(M::le(M::c(3), z), g, M::select(M::le(z, M::c(-3)), M::c(0), g * (z / M::c(3) + M::c(0.5))));
+  }
+  // 1/3 strictly inside (-3, 3), as ATen's double backward has it.
+  BPEXT_HD static V second(V z, const Params<V>&) {
+    return M::select(M::both(M::lt(M::c(-3), z), M::lt(z, M::c(3))), M::c(1.0 / 3.0), M::c(0));
+  }
+};
+
+// g * act'(z) for a caller that holds the input z and y = act(z), whichever of the two the
+// activation's backward reads (the gated layers keep z for every activation).
+template <Activation A, class M>
+BPEXT_HD typename M::V backward_given(typename M::V g, typename M::V z, typename M::V y,
+                                      const Params<typename M::V>& p) {
+  if constexpr (kSaves<A> == Saves::kOutput) {
+    return Act<A, M>::backward(g, y, p);
+  } else {
+    return Act<A, M>::backward(g, z, p);
+  }
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) with the run-time activation as a
+// compile-time constant, so each kernel is instantiated once per activation. The cases
+// come from the list, and an activation without a functor fails to compile.
 template <class F>
 decltype(auto) visit_activation(Activation a, F&& f) {
-#define BPEXT_CASE(A) \
-  case Activation::A: \
-    return f(std::integral_constant<Activation, Activation::A>{});
   switch (a) {
-    BPEXT_CASE(kRelu)
-    BPEXT_CASE(kLeakyRelu)
-    BPEXT_CASE(kElu)
-    BPEXT_CASE(kGelu)
-    BPEXT_CASE(kGeluTanh)
-    BPEXT_CASE(kSilu)
-    BPEXT_CASE(kMish)
-    BPEXT_CASE(kSigmoid)
-    BPEXT_CASE(kTanh)
-    BPEXT_CASE(kSoftplus)
-    case Activation::kIdentity:
-    default:
-      return f(std::integral_constant<Activation, Activation::kIdentity>{});
-  }
+#define BPEXT_CASE(E, ...) \
+  case Activation::k##E:   \
+    return f(std::integral_constant<Activation, Activation::k##E>{});
+    BPEXT_ACTIVATIONS(BPEXT_CASE)
 #undef BPEXT_CASE
+  }
+  // Not reached: the switch covers the enum (built with -Werror=switch).
+  return f(std::integral_constant<Activation, Activation::kIdentity>{});
 }
 
 }  // namespace bpext

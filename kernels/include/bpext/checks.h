@@ -1,10 +1,10 @@
-// Input checks shared by the CPU and CUDA implementations of every op. Each
-// message names the op, the argument and what was expected.
+// Argument parsing and checks shared by every op. Each message names the op, the
+// argument and what was expected.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <array>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -30,58 +30,64 @@ inline std::string show(at::IntArrayRef sizes) {
   return out + "]";
 }
 
-struct ActivationName {
-  std::string_view name;
-  Activation value;
+// An activation and its parameters, parsed and checked once per op call.
+struct ActivationArg {
+  Activation kind = Activation::kIdentity;
+  std::array<double, kMaxParams> params{};
+  Saves saves() const { return info(kind).saves; }
 };
-
-inline constexpr std::array<ActivationName, 11> kActivationNames{{
-    {"identity", Activation::kIdentity},
-    {"relu", Activation::kRelu},
-    {"leaky_relu", Activation::kLeakyRelu},
-    {"elu", Activation::kElu},
-    {"gelu", Activation::kGelu},
-    {"gelu_tanh", Activation::kGeluTanh},
-    {"silu", Activation::kSilu},
-    {"mish", Activation::kMish},
-    {"sigmoid", Activation::kSigmoid},
-    {"tanh", Activation::kTanh},
-    {"softplus", Activation::kSoftplus},
-}};
 
 inline std::string activation_choices() {
   std::string out;
-  for (const auto& a : kActivationNames) {
-    out += out.empty() ? "" : ", ";
-    out += a.name;
-  }
+  for (const auto& a : kActivations) out += (out.empty() ? "" : ", ") + std::string(a.name);
   return out;
 }
 
-// Parses the activation name and checks its parameters (see Params in activations.h).
-inline Activation parse_activation(std::string_view name, double p0, double p1, const char* op) {
-  for (const auto& a : kActivationNames) {
-    if (a.name != name) continue;
-    switch (a.value) {
-      case Activation::kLeakyRelu:
-        TORCH_CHECK(std::isfinite(p0) && p0 >= 0, op, ": leaky_relu negative_slope must be finite and >= 0 "
-                    "(the derivative is recovered from the output), got ", show(p0));
-        break;
-      case Activation::kElu:
-        TORCH_CHECK(std::isfinite(p0) && p0 >= 0, op, ": elu alpha must be finite and >= 0 "
-                    "(the derivative is recovered from the output), got ", show(p0));
-        break;
-      case Activation::kSoftplus:
-        TORCH_CHECK(std::isfinite(p0) && p0 > 0, op, ": softplus beta must be finite and > 0, got ", show(p0));
-        TORCH_CHECK(!std::isnan(p1), op, ": softplus threshold must not be NaN");
-        break;
-      default:
-        break;
-    }
-    return a.value;
+inline const ActivationInfo* find_activation(std::string_view name) {
+  for (const auto& a : kActivations) {
+    if (a.name == name) return &a;
   }
-  TORCH_CHECK_VALUE(false, op, ": unknown activation '", std::string(name), "'; expected one of: ",
+  return nullptr;
+}
+
+// Checks `value` against the parameter's rule. `compute_max` is the largest finite value
+// of the kernels' compute type: a finite parameter beyond it would silently become inf
+// (ATen refuses it with an overflow error too).
+inline void check_param(const Param& param, std::string_view activation, double value, double compute_max,
+                        const char* op) {
+  const std::string what = std::string(op) + ": " + std::string(activation) + " " + std::string(param.name);
+  switch (param.rule) {
+    case Rule::kFinite:
+      TORCH_CHECK_VALUE(std::isfinite(value), what, " must be finite, got ", show(value));
+      break;
+    case Rule::kNonzero:
+      TORCH_CHECK_VALUE(std::isfinite(value) && value != 0, what, " must be finite and nonzero, got ", show(value));
+      break;
+    case Rule::kNotNan:
+      TORCH_CHECK_VALUE(!std::isnan(value), what, " must not be NaN");
+      break;
+  }
+  TORCH_CHECK_VALUE(!std::isfinite(value) || std::fabs(value) <= compute_max, what, " = ", show(value),
+                    " does not fit in the compute type (largest ", show(compute_max), ")");
+}
+
+// Parses the activation name and checks its parameters. `dtype` is the tensors' dtype; its
+// compute type (float for the 16-bit types) bounds the parameters.
+inline ActivationArg parse_activation(std::string_view name, at::ArrayRef<double> params, at::ScalarType dtype,
+                                      const char* op) {
+  const ActivationInfo* a = find_activation(name);
+  TORCH_CHECK_VALUE(a != nullptr, op, ": unknown activation '", std::string(name), "'; expected one of: ",
                     activation_choices());
+  TORCH_CHECK_VALUE(static_cast<int>(params.size()) == a->n_params, op, ": activation '", std::string(name),
+                    "' takes ", show(static_cast<int64_t>(a->n_params)), " parameter(s), got ",
+                    show(static_cast<int64_t>(params.size())));
+  const double compute_max = dtype == at::kDouble ? DBL_MAX : FLT_MAX;
+  ActivationArg out{a->kind, {}};
+  for (int i = 0; i < a->n_params; ++i) {
+    check_param(a->params[i], a->name, params[i], compute_max, op);
+    out.params[i] = params[i];
+  }
+  return out;
 }
 
 inline void check_floating(const at::Tensor& t, const char* op, const char* arg) {
@@ -95,7 +101,7 @@ inline void check_same_dtype_device(const at::Tensor& ref, const at::Tensor& t, 
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", arg, " must have the dtype of ", ref_arg,
                    " (", ref.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " must be on the device of ", ref_arg, " (",
-              ref.device(), "), got ", t.device());
+              ref.device().str(), "), got ", t.device().str());
 }
 
 inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_arg,
@@ -104,62 +110,40 @@ inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const c
               ", got ", show(t.sizes()));
 }
 
-// grad_grad_x, grad_y, saved: (*), one dtype and device
-inline void check_double_backward_args(const at::Tensor& grad_grad_x, const at::Tensor& grad_y,
-                                       const at::Tensor& saved, const char* op) {
-  check_floating(grad_y, op, "grad_y");
-  check_same_dtype_device(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
-  check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
-  check_same_shape(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
-  check_same_shape(grad_y, saved, op, "grad_y", "saved");
+// t: (*, features), with at least one dimension
+inline void check_rows(const at::Tensor& t, int64_t features, const char* op, const char* arg, const char* what) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == features, op, ": ", arg, " must have shape (*, ", show(features),
+              ") (", what, "), got ", show(t.sizes()));
 }
 
-// x: (*, IN), weight: (OUT, IN), bias: (OUT)
-inline void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const char* op) {
-  check_floating(x, op, "input");
-  TORCH_CHECK(x.dim() >= 1, op, ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got ", show(weight.dim()),
-              "-D with shape ", show(weight.sizes()));
-  check_same_dtype_device(x, weight, op, "input", "weight");
-  TORCH_CHECK(x.size(-1) == weight.size(1), op, ": input's last dimension (", show(x.size(-1)),
-              ") must equal weight's in_features (", show(weight.size(1)), "); input ", show(x.sizes()),
-              ", weight ", show(weight.sizes()));
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be 1-D of size out_features (",
-                show(weight.size(0)), "), got shape ", show(bias->sizes()));
-    check_same_dtype_device(x, *bias, op, "input", "bias");
-  }
+// weight: (OUT, IN) following a layer of IN features, one dtype and device with x
+inline void check_weight(const at::Tensor& x, const at::Tensor& weight, int64_t in_features, const char* op,
+                         const char* arg) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == in_features, op, ": ", arg,
+              " must be 2-D of shape (out_features, ", show(in_features), "), got shape ", show(weight.sizes()));
+  check_same_dtype_device(x, weight, op, "input", arg);
 }
 
-// grad_y, saved: (*, OUT), x: (*, IN) when grad_weight is asked for, weight: (OUT, IN)
-inline void check_dense_backward_args(const at::Tensor& grad_y, const std::optional<at::Tensor>& x,
-                                      const at::Tensor& weight, const at::Tensor& saved, Activation act,
-                                      std::array<bool, 3> output_mask, const char* op) {
-  check_floating(grad_y, op, "grad_y");
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", show(weight.sizes()));
-  check_same_dtype_device(grad_y, weight, op, "grad_y", "weight");
-  TORCH_CHECK(grad_y.dim() >= 1 && grad_y.size(-1) == weight.size(0), op, ": grad_y must have shape (*, ",
-              show(weight.size(0)), "), got ", show(grad_y.sizes()));
-  if (act != Activation::kIdentity) {  // identity's backward reads nothing saved
-    check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
-    check_same_shape(grad_y, saved, op, "grad_y", "saved");
-  }
-  if (output_mask[1]) {
-    TORCH_CHECK(x.has_value(), op, ": x is required to compute grad_weight");
-    check_same_dtype_device(grad_y, *x, op, "grad_y", "x");
-    const int64_t in_features = weight.size(1);
-    TORCH_CHECK(x->dim() >= 1 && x->size(-1) == in_features && x->numel() == grad_y.numel() / std::max<int64_t>(1, weight.size(0)) * in_features,
-                op, ": x must have shape (*, ", show(in_features), ") with the leading dims of grad_y ",
-                show(grad_y.sizes()), ", got ", show(x->sizes()));
-  }
+// bias: (OUT) or none
+inline void check_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t out_features,
+                       const char* op, const char* arg) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, op, ": ", arg,
+              " must be 1-D of size out_features (", show(out_features), "), got shape ", show(bias->sizes()));
+  check_same_dtype_device(x, *bias, op, "input", arg);
 }
 
-// The leading dims of a (*, features) tensor folded into one: (N, features).
-inline at::Tensor as_rows(const at::Tensor& t) {
-  const int64_t rows = c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
-  return t.reshape({rows, t.size(-1)}).contiguous();  // not (-1, F): ambiguous when F == 0
+// The number of rows of a (*, features) tensor: the product of its leading dims.
+inline int64_t rows_of(const at::Tensor& t) {
+  return c10::multiply_integers(t.sizes().begin(), t.sizes().end() - 1);
 }
+
+// The leading dims of a (*, features) tensor folded into one: (N, features), as a view
+// where the strides allow (GEMMs take any row-major or column-major layout).
+inline at::Tensor as_rows(const at::Tensor& t) { return t.reshape({rows_of(t), t.size(-1)}); }
+
+// (N, features) and contiguous: what the elementwise kernels read.
+inline at::Tensor contiguous_rows(const at::Tensor& t) { return as_rows(t).contiguous(); }
 
 // `sizes` with its last entry replaced: the output shape of a (*, IN) -> (*, OUT) layer.
 inline std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {

@@ -1,0 +1,534 @@
+// Every op of bpext, written once for all devices: parse and check the arguments, shape
+// and allocate the outputs, run the matrix products through ATen, and call the device's
+// elementwise passes (bpext/backend.h) in between. Outputs are allocated in their final
+// shape (never returned as views), so in-place ops on them work as on native outputs.
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "bpext/backend.h"
+#include "bpext/config.h"
+
+namespace bpext {
+namespace {
+
+std::array<const Backend*, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>& backends() {
+  static std::array<const Backend*, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)> table{};
+  return table;
+}
+
+at::Tensor empty0(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// out: (N, OUT) = x: (N, IN) @ weight.T + bias. The bias is folded into the product, so a
+// 16-bit result is rounded once, exactly as F.linear rounds it.
+void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  if (bias.defined()) {
+    at::addmm_out(out, bias, x, weight.t());
+  } else {
+    at::mm_out(out, x, weight.t());
+  }
+}
+
+// A view of t, allocated as (*, F), as (N, F).
+at::Tensor rows_view(const at::Tensor& t) { return t.view({rows_of(t), t.size(-1)}); }
+
+at::Tensor bias_or_undefined(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() ? bias->contiguous() : at::Tensor();
+}
+
+// ---- activations -----------------------------------------------------------------------
+
+// x: (*) -> y: (*)
+at::Tensor activation_forward(const at::Tensor& x, c10::string_view activation, at::ArrayRef<double> params) {
+  constexpr const char* op = "bpext.activation_forward";
+  check_floating(x, op, "x");
+  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), xc.options());
+  if (y.numel() > 0) backend_for(x.device().type()).activation_forward(act, xc, y);
+  return y;
+}
+
+// grad_y, saved: (*) -> grad_x: (*)
+at::Tensor activation_backward(const at::Tensor& grad_y, const at::Tensor& saved, c10::string_view activation,
+                               at::ArrayRef<double> params) {
+  constexpr const char* op = "bpext.activation_backward";
+  check_floating(grad_y, op, "grad_y");
+  const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
+  check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
+  check_same_shape(grad_y, saved, op, "grad_y", "saved");
+  const c10::OptionalDeviceGuard guard(grad_y.device());
+  const at::Tensor gc = grad_y.contiguous();
+  at::Tensor grad_x = at::empty(grad_y.sizes(), gc.options());
+  if (grad_x.numel() > 0) {
+    backend_for(grad_y.device().type()).activation_backward(act, gc, saved.contiguous(), grad_x);
+  }
+  return grad_x;
+}
+
+// grad_grad_x, grad_y, saved: (*) -> grad of grad_y, grad of saved: (*)
+std::tuple<at::Tensor, at::Tensor> activation_double_backward(const at::Tensor& grad_grad_x, const at::Tensor& grad_y,
+                                                              const at::Tensor& saved, c10::string_view activation,
+                                                              at::ArrayRef<double> params) {
+  constexpr const char* op = "bpext.activation_double_backward";
+  check_floating(grad_y, op, "grad_y");
+  const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
+  check_same_dtype_device(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
+  check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
+  check_same_shape(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
+  check_same_shape(grad_y, saved, op, "grad_y", "saved");
+  const c10::OptionalDeviceGuard guard(grad_y.device());
+  const at::Tensor gc = grad_y.contiguous();
+  at::Tensor grad_grad_y = at::empty(grad_y.sizes(), gc.options());
+  at::Tensor grad_saved = at::empty(grad_y.sizes(), gc.options());
+  if (gc.numel() > 0) {
+    backend_for(grad_y.device().type())
+        .activation_double_backward(act, grad_grad_x.contiguous(), gc, saved.contiguous(), grad_grad_y, grad_saved);
+  }
+  return {grad_grad_y, grad_saved};
+}
+
+// ---- dense layers ----------------------------------------------------------------------
+
+// x: (*, IN), weight: (OUT, IN), bias: (OUT)
+void check_dense_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                      const char* op) {
+  check_floating(x, op, "input");
+  TORCH_CHECK(x.dim() >= 1, op, ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
+  check_weight(x, weight, x.size(-1), op, "weight");
+  check_bias(x, bias, weight.size(0), op, "bias");
+}
+
+// x2: (N, IN) -> y2, z2: (N, OUT); z2 is y2 itself unless the pre-activation is kept apart.
+void dense_forward_rows(const Backend& backend, const ActivationArg& act, const at::Tensor& x2,
+                        const at::Tensor& weight, const at::Tensor& bias, at::Tensor y2, const at::Tensor& z2) {
+  const bool in_place = z2.is_same(y2);
+  // ReLU with a bias can finish inside the GEMM (cuBLASLt's epilogue on CUDA), except for
+  // an empty reduction, where _addmm_activation returns the bias un-activated.
+  if (act.kind == Activation::kRelu && in_place && bias.defined() && x2.size(0) > 0 && x2.size(1) > 0 &&
+      gemm_epilogue_enabled().load()) {
+    at::_addmm_activation_out(y2, bias, x2, weight.t(), 1, 1, /*use_gelu=*/false);
+    return;
+  }
+  linear_out(z2, x2, weight, bias);
+  if (y2.numel() > 0 && (act.kind != Activation::kIdentity || !in_place)) backend.activation_forward(act, z2, y2);
+}
+
+// x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact
+std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias, c10::string_view activation,
+                                                 at::ArrayRef<double> params, bool return_preact) {
+  constexpr const char* op = "bpext.dense_forward";
+  check_dense_args(x, weight, bias, op);
+  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const auto out_shape = with_last_dim(x.sizes(), weight.size(0));
+  at::Tensor y = at::empty(out_shape, x.options());
+  at::Tensor preact = return_preact ? at::empty(out_shape, x.options()) : empty0(x);
+  dense_forward_rows(backend_for(x.device().type()), act, as_rows(x), weight, bias_or_undefined(bias), rows_view(y),
+                     rows_view(return_preact ? preact : y));
+  return {y, preact};
+}
+
+// g2, s2: (N, OUT) -> dz2 (g2 itself for identity) and grad_bias when `bias_grad`
+at::Tensor dense_dz(const Backend& backend, const ActivationArg& act, const at::Tensor& g2, const at::Tensor& s2,
+                    const at::Tensor& grad_bias) {
+  if (act.kind == Activation::kIdentity) {
+    if (grad_bias.defined()) backend.bias_grad(act, g2, at::Tensor(), at::Tensor(), grad_bias);
+    return g2;
+  }
+  at::Tensor dz = at::empty_like(g2);
+  backend.bias_grad(act, g2, s2, dz, grad_bias);
+  return dz;
+}
+
+// grad_y: (*, OUT), saved: (*, OUT) (unread for identity), x2: (N, IN) or undefined, weight: (OUT, IN)
+//   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_rows(const Backend& backend, const ActivationArg& act,
+                                                                   const at::Tensor& grad_y, const at::Tensor& x2,
+                                                                   const at::Tensor& weight, const at::Tensor& saved,
+                                                                   std::array<bool, 3> mask) {
+  const at::Tensor g2 = contiguous_rows(grad_y);
+  const int64_t out_features = weight.size(0);
+  at::Tensor grad_bias = mask[2] ? at::empty({out_features}, g2.options()) : empty0(g2);
+  at::Tensor grad_x = empty0(g2), grad_weight = empty0(g2);
+  if (!mask[0] && !mask[1] && !mask[2]) return {grad_x, grad_weight, grad_bias};
+  const bool reads_saved = act.saves() != Saves::kNothing;
+  const at::Tensor dz = dense_dz(backend, act, g2, reads_saved ? contiguous_rows(saved) : at::Tensor(),
+                                 mask[2] ? grad_bias : at::Tensor());
+  if (mask[0]) {
+    grad_x = at::empty(with_last_dim(grad_y.sizes(), weight.size(1)), g2.options());
+    at::Tensor grad_x2 = rows_view(grad_x);
+    at::mm_out(grad_x2, dz, weight);
+  }
+  if (mask[1]) grad_weight = at::mm(dz.t(), x2);
+  return {grad_x, grad_weight, grad_bias};
+}
+
+// grad_y, saved: (*, OUT), x: (*, IN), weight: (OUT, IN)
+//   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad_y,
+                                                             const std::optional<at::Tensor>& x,
+                                                             const at::Tensor& weight, const at::Tensor& saved,
+                                                             c10::string_view activation, at::ArrayRef<double> params,
+                                                             std::array<bool, 3> output_mask) {
+  constexpr const char* op = "bpext.dense_backward";
+  check_floating(grad_y, op, "grad_y");
+  const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
+              show(weight.sizes()));
+  check_same_dtype_device(grad_y, weight, op, "grad_y", "weight");
+  check_rows(grad_y, weight.size(0), op, "grad_y", "out_features");
+  if (act.saves() != Saves::kNothing) {
+    check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
+    check_same_shape(grad_y, saved, op, "grad_y", "saved");
+  }
+  if (output_mask[1]) {
+    TORCH_CHECK(x.has_value(), op, ": x is required to compute grad_weight");
+    check_same_dtype_device(grad_y, *x, op, "grad_y", "x");
+    TORCH_CHECK(x->dim() >= 1 && x->size(-1) == weight.size(1) && rows_of(*x) == rows_of(grad_y), op,
+                ": x must have shape (*, ", show(weight.size(1)), ") with as many rows as grad_y ",
+                show(grad_y.sizes()), ", got ", show(x->sizes()));
+  }
+  const c10::OptionalDeviceGuard guard(grad_y.device());
+  return dense_backward_rows(backend_for(grad_y.device().type()), act, grad_y,
+                             output_mask[1] ? as_rows(*x) : at::Tensor(), weight, saved, output_mask);
+}
+
+// ---- gated layers: y = act(x Wg^T + bg) * (x Wu^T + bu) -----------------------------------
+
+struct Gated {
+  at::Tensor weight_gate, bias_gate, weight_up, bias_up;
+};
+
+// x: (*, IN), weight_gate, weight_up: (H, IN), bias_gate, bias_up: (H) or none
+Gated check_gated_args(const at::Tensor& x, const at::Tensor& weight_gate, const std::optional<at::Tensor>& bias_gate,
+                       const at::Tensor& weight_up, const std::optional<at::Tensor>& bias_up, const char* op) {
+  check_floating(x, op, "input");
+  TORCH_CHECK(x.dim() >= 1, op, ": input must have at least 1 dimension (*, in_features), got a 0-D tensor");
+  check_weight(x, weight_gate, x.size(-1), op, "weight_gate");
+  check_weight(x, weight_up, x.size(-1), op, "weight_up");
+  TORCH_CHECK(weight_up.size(0) == weight_gate.size(0), op, ": weight_up must have the shape of weight_gate ",
+              show(weight_gate.sizes()), ", got ", show(weight_up.sizes()));
+  check_bias(x, bias_gate, weight_gate.size(0), op, "bias_gate");
+  check_bias(x, bias_up, weight_gate.size(0), op, "bias_up");
+  return {weight_gate, bias_or_undefined(bias_gate), weight_up, bias_or_undefined(bias_up)};
+}
+
+// x2: (N, IN) -> gate2, up2: (N, H) pre-activations, h2: (N, H) = act(gate) * up
+void gated_forward_rows(const Backend& backend, const ActivationArg& act, const at::Tensor& x2, const Gated& p,
+                        const at::Tensor& gate2, const at::Tensor& up2, const at::Tensor& h2) {
+  linear_out(gate2, x2, p.weight_gate, p.bias_gate);
+  linear_out(up2, x2, p.weight_up, p.bias_up);
+  if (h2.numel() > 0) backend.gated_forward(act, gate2, up2, h2);
+}
+
+// The gated layer's input gradients from grad_h: (N, H), with gate2, up2: (N, H), x2: (N, IN).
+// mask: x, weight_gate, bias_gate, weight_up, bias_up. grad_x is written into grad_x2 (N, IN).
+std::array<at::Tensor, 4> gated_backward_rows(const Backend& backend, const ActivationArg& act,
+                                              const at::Tensor& grad_h, const at::Tensor& x2, const Gated& p,
+                                              const at::Tensor& gate2, const at::Tensor& up2,
+                                              std::array<bool, 5> mask, at::Tensor grad_x2) {
+  const auto opts = grad_h.options();
+  const int64_t hidden = p.weight_gate.size(0);
+  at::Tensor grad_bias_gate = mask[2] ? at::empty({hidden}, opts) : empty0(grad_h);
+  at::Tensor grad_bias_up = mask[4] ? at::empty({hidden}, opts) : empty0(grad_h);
+  at::Tensor grad_weight_gate = empty0(grad_h), grad_weight_up = empty0(grad_h);
+  if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) {
+    return {grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up};
+  }
+  at::Tensor grad_gate = at::empty_like(grad_h), grad_up = at::empty_like(grad_h);
+  if (grad_h.numel() > 0) {
+    backend.gated_backward(act, grad_h, gate2, up2, grad_gate, grad_up, mask[2] ? grad_bias_gate : at::Tensor(),
+                           mask[4] ? grad_bias_up : at::Tensor());
+  } else {
+    grad_bias_gate.zero_();
+    grad_bias_up.zero_();
+  }
+  if (mask[0]) {
+    at::mm_out(grad_x2, grad_gate, p.weight_gate);
+    grad_x2.addmm_(grad_up, p.weight_up);
+  }
+  if (mask[1]) grad_weight_gate = at::mm(grad_gate.t(), x2);
+  if (mask[3]) grad_weight_up = at::mm(grad_up.t(), x2);
+  return {grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up};
+}
+
+// x: (*, IN) -> y: (*, H), gate: (*, H), up: (*, H); gate and up (0) unless save
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_forward(const at::Tensor& x, const at::Tensor& weight_gate,
+                                                             const std::optional<at::Tensor>& bias_gate,
+                                                             const at::Tensor& weight_up,
+                                                             const std::optional<at::Tensor>& bias_up,
+                                                             c10::string_view activation, at::ArrayRef<double> params,
+                                                             bool save) {
+  constexpr const char* op = "bpext.gated_forward";
+  const Gated p = check_gated_args(x, weight_gate, bias_gate, weight_up, bias_up, op);
+  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const auto shape = with_last_dim(x.sizes(), weight_gate.size(0));
+  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor gate = at::empty(shape, x.options()), up = at::empty(shape, x.options());
+  gated_forward_rows(backend_for(x.device().type()), act, as_rows(x), p, rows_view(gate), rows_view(up), rows_view(y));
+  if (!save) return {y, empty0(x), empty0(x)};
+  return {y, gate, up};
+}
+
+// grad_y, gate, up: (*, H), x: (*, IN)
+//   -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up; each (0) unless asked for
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const at::Tensor& gate, const at::Tensor& up, c10::string_view activation, at::ArrayRef<double> params,
+    std::array<bool, 5> output_mask) {
+  constexpr const char* op = "bpext.gated_backward";
+  const Gated p = check_gated_args(x, weight_gate, std::nullopt, weight_up, std::nullopt, op);
+  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
+  const auto shape = with_last_dim(x.sizes(), weight_gate.size(0));
+  check_same_dtype_device(x, grad_y, op, "input", "grad_y");
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(shape), op, ": grad_y must have shape ", show(shape), ", got ",
+              show(grad_y.sizes()));
+  check_same_dtype_device(grad_y, gate, op, "grad_y", "gate");
+  check_same_dtype_device(grad_y, up, op, "grad_y", "up");
+  check_same_shape(grad_y, gate, op, "grad_y", "gate");
+  check_same_shape(grad_y, up, op, "grad_y", "up");
+  const c10::OptionalDeviceGuard guard(x.device());
+  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : empty0(x);
+  auto [gw, gb, uw, ub] = gated_backward_rows(backend_for(x.device().type()), act, contiguous_rows(grad_y), as_rows(x),
+                                              p, contiguous_rows(gate), contiguous_rows(up), output_mask,
+                                              output_mask[0] ? rows_view(grad_x) : at::Tensor());
+  return {grad_x, gw, gb, uw, ub};
+}
+
+// ---- gated MLP: y = down(act(gate(x)) * up(x)) --------------------------------------------
+
+// x: (*, IN), weights_gate/up: (H, IN), weight_down: (OUT, H) -> y: (*, OUT), gate, up: (*, H) or (0) unless save.
+// act(gate) * up is not kept: backward recomputes it from gate and up.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mlp_forward(
+    const at::Tensor& x, const at::Tensor& weight_gate, const std::optional<at::Tensor>& bias_gate,
+    const at::Tensor& weight_up, const std::optional<at::Tensor>& bias_up, const at::Tensor& weight_down,
+    const std::optional<at::Tensor>& bias_down, c10::string_view activation, at::ArrayRef<double> params, bool save) {
+  constexpr const char* op = "bpext.gated_mlp_forward";
+  const Gated p = check_gated_args(x, weight_gate, bias_gate, weight_up, bias_up, op);
+  check_weight(x, weight_down, weight_gate.size(0), op, "weight_down");
+  check_bias(x, bias_down, weight_down.size(0), op, "bias_down");
+  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const Backend& backend = backend_for(x.device().type());
+  const at::Tensor x2 = as_rows(x);
+  const auto hidden_shape = with_last_dim(x.sizes(), weight_gate.size(0));
+  at::Tensor gate = at::empty(hidden_shape, x.options()), up = at::empty(hidden_shape, x.options());
+  const at::Tensor h2 = at::empty({x2.size(0), weight_gate.size(0)}, x.options());
+  gated_forward_rows(backend, act, x2, p, rows_view(gate), rows_view(up), h2);
+  at::Tensor y = at::empty(with_last_dim(x.sizes(), weight_down.size(0)), x.options());
+  linear_out(rows_view(y), h2, weight_down, bias_or_undefined(bias_down));
+  if (!save) return {y, empty0(x), empty0(x)};
+  return {y, gate, up};
+}
+
+// grad_y: (*, OUT), gate, up: (*, H) -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up,
+//   grad_bias_up, grad_weight_down, grad_bias_down; each (0) unless output_mask asks for it
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mlp_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
+    const at::Tensor& weight_down, const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
+    at::ArrayRef<double> params, std::array<bool, 7> output_mask) {
+  constexpr const char* op = "bpext.gated_mlp_backward";
+  const Gated p = check_gated_args(x, weight_gate, std::nullopt, weight_up, std::nullopt, op);
+  check_weight(x, weight_down, weight_gate.size(0), op, "weight_down");
+  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
+  check_same_dtype_device(x, grad_y, op, "input", "grad_y");
+  const auto out_shape = with_last_dim(x.sizes(), weight_down.size(0));
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(out_shape), op, ": grad_y must have shape ", show(out_shape),
+              ", got ", show(grad_y.sizes()));
+  const auto hidden_shape = with_last_dim(x.sizes(), weight_gate.size(0));
+  for (const auto& [t, name] : {std::pair{&gate, "gate"}, std::pair{&up, "up"}}) {
+    check_same_dtype_device(grad_y, *t, op, "grad_y", name);
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(hidden_shape), op, ": ", name, " must have shape ", show(hidden_shape),
+                ", got ", show(t->sizes()));
+  }
+  const c10::OptionalDeviceGuard guard(x.device());
+  const Backend& backend = backend_for(x.device().type());
+  const at::Tensor g2 = contiguous_rows(grad_y), gate2 = contiguous_rows(gate), up2 = contiguous_rows(up);
+  const at::Tensor x2 = as_rows(x);
+  at::Tensor grad_bias_down = output_mask[6] ? at::empty({weight_down.size(0)}, x.options()) : empty0(x);
+  if (output_mask[6]) dense_dz(backend, ActivationArg{}, g2, at::Tensor(), grad_bias_down);
+  at::Tensor grad_weight_down = empty0(x);
+  if (output_mask[5]) {
+    at::Tensor h2 = at::empty_like(gate2);
+    if (h2.numel() > 0) backend.gated_forward(act, gate2, up2, h2);
+    grad_weight_down = at::mm(g2.t(), h2);
+  }
+  const std::array<bool, 5> mask{output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4]};
+  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : empty0(x);
+  const at::Tensor grad_h = at::mm(g2, weight_down);
+  auto [gw, gb, uw, ub] = gated_backward_rows(backend, act, grad_h, x2, p, gate2, up2, mask,
+                                              output_mask[0] ? rows_view(grad_x) : at::Tensor());
+  return {grad_x, gw, gb, uw, ub, grad_weight_down, grad_bias_down};
+}
+
+// ---- multi-layer perceptrons -----------------------------------------------------------
+
+Network parse_network(c10::string_view activation, at::ArrayRef<double> params, c10::string_view output_activation,
+                      at::ArrayRef<double> output_params, at::ScalarType dtype, const char* op) {
+  return {parse_activation(activation, params, dtype, op),
+          parse_activation(output_activation, output_params, dtype, op)};
+}
+
+// x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or none -> the biases, undefined where none
+std::vector<at::Tensor> check_mlp_args(const at::Tensor& x, at::TensorList weights,
+                                       const c10::List<std::optional<at::Tensor>>& biases, const char* op) {
+  check_floating(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (*, in_features), got a 0-D tensor");
+  TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one layer");
+  TORCH_CHECK(biases.size() == weights.size(), op, ": biases must have one entry (a tensor or None) per layer: ",
+              show(static_cast<int64_t>(weights.size())), " weights, ", show(static_cast<int64_t>(biases.size())),
+              " biases");
+  std::vector<at::Tensor> out;
+  int64_t width = x.size(-1);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const std::string w_arg = "weights[" + show(static_cast<int64_t>(l)) + "]";
+    const std::string b_arg = "biases[" + show(static_cast<int64_t>(l)) + "]";
+    check_weight(x, weights[l], width, op, w_arg.c_str());
+    width = weights[l].size(0);
+    const std::optional<at::Tensor> b = biases.get(l);
+    check_bias(x, b, width, op, b_arg.c_str());
+    out.push_back(bias_or_undefined(b));
+  }
+  return out;
+}
+
+// x: (*, W0) -> y: (*, W[L]), saved: one tensor per layer (see mlp_keeps_*) when `save`, else none
+std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x, at::TensorList weights,
+                                                            const c10::List<std::optional<at::Tensor>>& biases,
+                                                            c10::string_view activation, at::ArrayRef<double> params,
+                                                            c10::string_view output_activation,
+                                                            at::ArrayRef<double> output_params, bool save) {
+  constexpr const char* op = "bpext.mlp_forward";
+  const std::vector<at::Tensor> bias = check_mlp_args(x, weights, biases, op);
+  const Network net = parse_network(activation, params, output_activation, output_params, x.scalar_type(), op);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const Backend& backend = backend_for(x.device().type());
+  const size_t layers = weights.size();
+  const at::Tensor x2 = as_rows(x);
+  const int64_t rows = x2.size(0);
+  at::Tensor y = at::empty(with_last_dim(x.sizes(), weights.back().size(0)), x.options());
+  std::vector<at::Tensor> saved, saved2;  // (*, W) as returned, and the same as (N, W)
+  for (size_t l = 0; l < layers && save; ++l) {
+    const bool none = mlp_keeps_nothing(l, layers, net.of(l, layers));
+    saved.push_back(none ? empty0(x) : at::empty(with_last_dim(x.sizes(), weights[l].size(0)), x.options()));
+    saved2.push_back(none ? saved.back() : rows_view(saved.back()));
+  }
+  if (backend.mlp_forward && backend.mlp_forward(net, x2, weights, bias, rows_view(y), saved2)) return {y, saved};
+  // Layer by layer: each writes y (into saved, the output, or a temporary) and z when kept.
+  at::Tensor a = x2;
+  for (size_t l = 0; l < layers; ++l) {
+    const ActivationArg& act = net.of(l, layers);
+    const bool last = l + 1 == layers;
+    const bool keep = save && !mlp_keeps_nothing(l, layers, act);
+    at::Tensor y_l = last ? rows_view(y)
+                          : (keep && !mlp_keeps_z(act) ? saved2[l] : at::empty({rows, weights[l].size(0)}, x.options()));
+    at::Tensor z_l = keep && mlp_keeps_z(act) ? saved2[l] : y_l;
+    dense_forward_rows(backend, act, a, weights[l], bias[l], y_l, z_l);
+    a = y_l;
+  }
+  return {y, saved};
+}
+
+// grad_y: (*, W[L]) -> grad_x: (*, W0) (or (0) unless input_grad), grad_weights[l], grad_biases[l] ((0) without bias)
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
+    const c10::List<std::optional<at::Tensor>>& biases, at::TensorList saved, c10::string_view activation,
+    at::ArrayRef<double> params, c10::string_view output_activation, at::ArrayRef<double> output_params,
+    bool input_grad) {
+  constexpr const char* op = "bpext.mlp_backward";
+  const std::vector<at::Tensor> bias = check_mlp_args(x, weights, biases, op);
+  const Network net = parse_network(activation, params, output_activation, output_params, x.scalar_type(), op);
+  const size_t layers = weights.size();
+  const auto out_shape = with_last_dim(x.sizes(), weights.back().size(0));
+  check_same_dtype_device(x, grad_y, op, "x", "grad_y");
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(out_shape), op, ": grad_y must have shape ", show(out_shape),
+              " (x's leading dims, the last layer's width), got ", show(grad_y.sizes()));
+  TORCH_CHECK(saved.size() == layers, op, ": saved must have one tensor per layer, as mlp_forward returns");
+  // What each layer's backward reads: its saved tensor, or the output y for the last layer.
+  std::vector<at::Tensor> state2(layers);
+  for (size_t l = 0; l < layers; ++l) {
+    const ActivationArg& act = net.of(l, layers);
+    const bool from_y = mlp_keeps_nothing(l, layers, act);
+    if (from_y && act.saves() == Saves::kNothing) continue;  // the last layer is linear: nothing to read
+    const at::Tensor& s = from_y ? y : saved[l];
+    const std::string what = from_y ? "y" : "saved[" + show(static_cast<int64_t>(l)) + "]";
+    check_same_dtype_device(x, s, op, "x", what.c_str());
+    const auto shape = with_last_dim(x.sizes(), weights[l].size(0));
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(shape), op, ": ", what, " must have shape ", show(shape),
+                " as mlp_forward returns it, got ", show(s.sizes()));
+    state2[l] = contiguous_rows(s);
+  }
+  const c10::OptionalDeviceGuard guard(x.device());
+  const Backend& backend = backend_for(x.device().type());
+  const at::Tensor x2 = as_rows(x);
+  const at::Tensor g2 = contiguous_rows(grad_y);
+  at::Tensor grad_x = input_grad ? at::empty(x.sizes(), x.options()) : empty0(x);
+  std::vector<at::Tensor> grad_weights, grad_biases;
+  for (size_t l = 0; l < layers; ++l) {
+    grad_weights.push_back(at::empty(weights[l].sizes(), x.options()));
+    grad_biases.push_back(bias[l].defined() ? at::empty({weights[l].size(0)}, x.options()) : empty0(x));
+  }
+  std::vector<at::Tensor> grad_bias_out;  // undefined where a layer has no bias
+  for (size_t l = 0; l < layers; ++l) grad_bias_out.push_back(bias[l].defined() ? grad_biases[l] : at::Tensor());
+  const at::Tensor grad_x2 = input_grad ? rows_view(grad_x) : at::Tensor();
+  if (backend.mlp_backward &&
+      backend.mlp_backward(net, g2, x2, weights, bias, state2, grad_x2, grad_weights,
+                           grad_bias_out)) {
+    return {grad_x, grad_weights, grad_biases};
+  }
+  // Layer by layer, from the last: the input of layer l is x, the previous layer's kept y,
+  // or act(z) recomputed from its kept z.
+  at::Tensor g = g2;
+  for (size_t l = layers; l-- > 0;) {
+    const ActivationArg& act = net.of(l, layers);
+    at::Tensor a = x2;
+    if (l > 0) {
+      a = state2[l - 1];
+      if (mlp_keeps_z(net.hidden)) {
+        a = at::empty_like(state2[l - 1]);
+        if (a.numel() > 0) backend.activation_forward(net.hidden, state2[l - 1], a);
+      }
+    }
+    const bool wants_grad_in = l > 0 || input_grad;
+    const at::Tensor dz = dense_dz(backend, act, g, state2[l], grad_bias_out[l]);
+    at::mm_out(grad_weights[l], dz.t(), a);
+    if (!wants_grad_in) break;
+    at::Tensor g_in = l == 0 ? grad_x2 : at::empty({g.size(0), weights[l].size(1)}, x.options());
+    at::mm_out(g_in, dz, weights[l]);
+    g = g_in;
+  }
+  return {grad_x, grad_weights, grad_biases};
+}
+
+}  // namespace
+
+const Backend& backend_for(c10::DeviceType device) {
+  const Backend* b = backends()[static_cast<size_t>(device)];
+  TORCH_CHECK(b != nullptr, "bpext has no kernels for device type ", c10::DeviceTypeName(device),
+              " in this build");
+  return *b;
+}
+
+void register_backend(c10::DeviceType device, const Backend* backend, torch::Library& m) {
+  backends()[static_cast<size_t>(device)] = backend;
+  m.impl("activation_forward", TORCH_FN(activation_forward));
+  m.impl("activation_backward", TORCH_FN(activation_backward));
+  m.impl("activation_double_backward", TORCH_FN(activation_double_backward));
+  m.impl("dense_forward", TORCH_FN(dense_forward));
+  m.impl("dense_backward", TORCH_FN(dense_backward));
+  m.impl("gated_forward", TORCH_FN(gated_forward));
+  m.impl("gated_backward", TORCH_FN(gated_backward));
+  m.impl("gated_mlp_forward", TORCH_FN(gated_mlp_forward));
+  m.impl("gated_mlp_backward", TORCH_FN(gated_mlp_backward));
+  m.impl("mlp_forward", TORCH_FN(mlp_forward));
+  m.impl("mlp_backward", TORCH_FN(mlp_backward));
+}
+
+}  // namespace bpext
