@@ -11,9 +11,22 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def _device(value: str) -> str:
-    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+    index = value.removeprefix("cuda:")
+    if value not in ("cpu", "cuda") and not (value.startswith("cuda:") and index.isdigit()):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got '{value}'")
     return value
+
+
+def _check_devices(p: argparse.ArgumentParser, devices: list[str]) -> None:
+    """A CUDA device asked for where there is none: one line of usage error, exit 2."""
+    for device in devices:
+        if not device.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            p.error(f"--device {device}: no CUDA device on this machine (torch.cuda.is_available() is False)")
+        index = int(device.removeprefix("cuda").removeprefix(":") or 0)
+        if index >= torch.cuda.device_count():
+            p.error(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +53,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    devices = args.device if isinstance(args.device, list) else [args.device] if args.device else []
+    _check_devices(p, devices)
     if args.command == "check":
         from .check import main as check_main
 
@@ -53,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from .demo import main as demo_main
 
     if args.epochs < 1:
-        parser().error("demo: --epochs must be >= 1")
+        p.error("demo: --epochs must be >= 1")
     return demo_main(args.epochs, args.device, args.out)
 
 

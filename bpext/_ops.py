@@ -73,9 +73,9 @@ def _(x, weight, bias, activation, params, return_preact):
 @torch.library.register_fake("bpext::dense_backward")
 def _(grad_y, x, weight, saved, activation, params, output_mask):
     _one_device("dense_backward", grad_y, x, weight, saved)
-    out_features, in_features = weight.shape
-    return (grad_y.new_empty(_rows_like(grad_y, in_features) if output_mask[0] else (0,)),
-            grad_y.new_empty((out_features, in_features) if output_mask[1] else (0,)),
+    out_features = grad_y.shape[-1]
+    return (grad_y.new_empty(_rows_like(grad_y, weight.shape[1]) if output_mask[0] else (0,)),
+            grad_y.new_empty((out_features, x.shape[-1]) if output_mask[1] else (0,)),
             grad_y.new_empty((out_features,) if output_mask[2] else (0,)))
 
 
@@ -137,7 +137,7 @@ def _(x, weights, biases, activation, params, output_activation, output_params, 
 def _(grad_y, x, y, weights, biases, saved, activation, params, output_activation, output_params, input_grad):
     _one_device("mlp_backward", grad_y, x, y, weights, biases, saved)
     return (grad_y.new_empty(x.shape if input_grad else (0,)), [grad_y.new_empty(w.shape) for w in weights],
-            [grad_y.new_empty((w.shape[0],) if b is not None else (0,)) for w, b in zip(weights, biases)])
+            [grad_y.new_empty((w.shape[0],) if b.numel() > 0 else (0,)) for w, b in zip(weights, biases)])
 
 
 # ---- vmap rules -------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ class Param:
     rule: str  # "finite", "nonzero" or "not_nan"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one instance per activation: compared and hashed by identity
 class ActivationSpec:
     """What bpext knows about one activation: its kernels' name, parameters, which tensor its
     backward reads (``saves``: "output", "input" or "nothing") and how PyTorch computes it."""
@@ -123,9 +123,13 @@ class ResolvedActivation:
 
 @functools.lru_cache(maxsize=1024)
 def resolve_by_values(name: str, params: tuple[float, ...]) -> ResolvedActivation:
-    """``resolve`` with the parameter values in the activation's order (cached: ops and
-    rewritten forwards call it with the same few activations again and again)."""
-    return resolve(name, **dict(zip((p.name for p in REGISTRY[name].params), params)))
+    """``resolve`` with the parameter values in the activation's order. Cached (a model calls
+    its layers with the same few activations again and again); the kernels check the values."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise ValueError(f"unknown activation '{name}'; expected one of: {', '.join(ACTIVATIONS)}")
+    torch.ops.bpext._check_activation(name, list(params))
+    return ResolvedActivation(spec, tuple(params))
 
 
 def resolve(activation: str | ResolvedActivation, **params: float) -> ResolvedActivation:
@@ -148,6 +152,4 @@ def resolve(activation: str | ResolvedActivation, **params: float) -> ResolvedAc
     if unknown:
         takes = f"takes {', '.join(names)}" if names else "takes no parameters"
         raise TypeError(f"activation '{activation}' {takes}; got unexpected {', '.join(unknown)}")
-    values = tuple(float(params.get(p.name, p.default)) for p in spec.params)
-    torch.ops.bpext._check_activation(activation, list(values))
-    return ResolvedActivation(spec, values)
+    return resolve_by_values(activation, tuple(float(params.get(p.name, p.default)) for p in spec.params))

@@ -173,7 +173,7 @@ class Bench:
             variants["bpext-own-epilogue"] = ours  # timed with cuBLASLt's epilogue switched off
         for variant, fn in variants.items():
             own = variant == "bpext-own-epilogue"
-            previous = bpext._ops.set_cublaslt_epilogue(False) if own else None
+            previous = bpext._ops.set_gemm_epilogue(False) if own else None
             try:
                 step = lambda fn=fn: torch.autograd.grad(fn(x), [x, *params], g)  # noqa: E731
                 ms = self.t(step)
@@ -182,7 +182,7 @@ class Bench:
                                      peak_mb=peak_mb(step, self.device)))
             finally:
                 if own:
-                    bpext._ops.set_cublaslt_epilogue(previous)
+                    bpext._ops.set_gemm_epilogue(previous)
         w = lin.weight.detach()
         xd = x.detach()
 
@@ -222,7 +222,7 @@ class Bench:
         x = torch.randn(batch, fin, **kw)
         case = f"{label} {'-'.join(map(str, widths))} b={batch} {name}"
         variants = {"bpext": bpext.nn.MLP.from_sequential(copy.deepcopy(native)),
-                    "bpext-dense": bpext.convert(copy.deepcopy(native), fuse_mlp=False), "native": native}
+                    "bpext-dense": bpext.convert(copy.deepcopy(native), fuse=False), "native": native}
         if self.compile_native:
             variants["compiled"] = _compile(copy.deepcopy(native))
         for variant, model in variants.items():

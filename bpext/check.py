@@ -13,27 +13,9 @@ import torch.nn.functional as nnf
 
 from . import functional
 from .activations import ACTIVATIONS, resolve
+from .testing import CHECK_PARAMS, ELEMENTWISE, LAYER, STACK
 
-# (rtol, atol) against native PyTorch at the same dtype.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-5, 2e-6),
-    torch.bfloat16: (2e-2, 2e-2),
-    torch.float16: (2e-3, 2e-3),
-}
-# Dense layers' GEMMs may accumulate in another order than native's.
-DENSE_TOLERANCES = {
-    torch.float64: (1e-9, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (3e-3, 3e-3),
-}
-# Two layers round the hidden activation once more: an ulp of it, summed over a batch
-# with cancellation, moves a float16 weight gradient past the dense tolerance.
-MLP_TOLERANCES = {**DENSE_TOLERANCES, torch.float16: (1e-2, 1e-2)}
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-# Non-default parameters, so that checks see them reach the kernels.
-CHECK_PARAMS = {"leaky_relu": {"negative_slope": 0.2}, "elu": {"alpha": 0.5}, "softplus": {"beta": 2.0, "threshold": 5.0}}
 
 
 @dataclass
@@ -69,7 +51,8 @@ def _compare(fn, ref, inputs, grad_out, tol) -> tuple[float, bool]:
 
 def _cases(device: str, name: str, dtype: torch.dtype):
     """(op, bpext fn, native fn, inputs, grad_out, tolerances) for one activation and dtype:
-    the activation, a dense layer, and a two-layer MLP with it as hidden activation."""
+    the activation, a dense layer, a two-layer MLP with it as hidden activation, and a gated
+    MLP block with it as gate activation."""
     params = CHECK_PARAMS.get(name, {})
     ref_act = resolve(name, **params).reference
     g = torch.Generator().manual_seed(0)
@@ -77,13 +60,17 @@ def _cases(device: str, name: str, dtype: torch.dtype):
     x = rnd(4, 3, 8)
     x = torch.where(x.abs() < 0.05, x + 0.1, x)  # away from kinks, for finite differences
     w, b = rnd(6, 8) / 8**0.5, rnd(6)
-    yield ("activation", lambda t: functional.activation(t, name, **params), ref_act, (x,), rnd(4, 3, 8), TOLERANCES)
+    yield ("activation", lambda t: functional.activation(t, name, **params), ref_act, (x,), rnd(4, 3, 8), ELEMENTWISE)
     yield ("dense", lambda *t: functional.dense(*t, activation=name, **params),
-           lambda xx, ww, bb: ref_act(nnf.linear(xx, ww, bb)), (x, w, b), rnd(4, 3, 6), DENSE_TOLERANCES)
+           lambda xx, ww, bb: ref_act(nnf.linear(xx, ww, bb)), (x, w, b), rnd(4, 3, 6), LAYER)
     w2, b2 = rnd(5, 6) / 6**0.5, rnd(5)
     yield ("mlp", lambda xx, *p: functional.mlp(xx, p[:2], p[2:], name, **params),
            lambda xx, ww, ww2, bb, bb2: nnf.linear(ref_act(nnf.linear(xx, ww, bb)), ww2, bb2),
-           (x, w, w2, b, b2), rnd(4, 3, 5), MLP_TOLERANCES)
+           (x, w, w2, b, b2), rnd(4, 3, 5), STACK)
+    wu = rnd(6, 8) / 8**0.5
+    yield ("gated_mlp", lambda xx, wg, wu_, wd, bg: functional.gated_mlp(xx, wg, wu_, wd, bg, activation=name, **params),
+           lambda xx, wg, wu_, wd, bg: nnf.linear(ref_act(nnf.linear(xx, wg, bg)) * nnf.linear(xx, wu_), wd),
+           (x, w, wu, w2, b), rnd(4, 3, 5), STACK)
 
 
 def run_checks(devices: list[str]) -> list[CheckResult]:

@@ -127,8 +127,6 @@ def _linear_of(root: nn.Module, node: fx.Node) -> _Linear | None:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
     module = root.get_submodule(node.target)
-    if _has_hooks(module):
-        return None
     if type(module) is nn.Linear or (type(module) is Dense and module.activation.name == "identity"):
         return _Linear(node.target, False)
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
@@ -154,7 +152,7 @@ def _activation_of_node(root: nn.Module, node: fx.Node) -> ResolvedActivation | 
         return None
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        if _has_hooks(module) or len(node.args) != 1 or node.kwargs:
+        if len(node.args) != 1 or node.kwargs:
             return None
         known = activation_of(module)
         if known is not None:
@@ -182,38 +180,22 @@ def _leaves(args):
     return out
 
 
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
 def _passthrough(root: nn.Module, node: fx.Node) -> bool:
     """Dropout that is off (eval mode or p = 0) or nn.Identity: y = x."""
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     module = root.get_submodule(node.target)
-    if _has_hooks(module):
-        return False
     if type(module) is nn.Identity:
         return True
     return isinstance(module, nn.modules.dropout._DropoutNd) and (not module.training or module.p == 0)
 
 
 # ---- rewriting a traced forward ----------------------------------------------------------------
-
-
-def _single_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
-def _skip_passthrough(root, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """Follows node's single users through pass-through modules: (the last node, the skipped ones)."""
-    skipped = []
-    while (nxt := _single_user(node)) is not None and _passthrough(root, nxt):
-        skipped.append(nxt)
-        node = nxt
-    return node, skipped
-
-
-def _next_after(root, node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
-    last, skipped = _skip_passthrough(root, node)
-    return _single_user(last), skipped
 
 
 # What the rewritten forwards call. The graph holds each activation as (name, parameter values).
@@ -248,6 +230,7 @@ class _Rewriter:
     def __init__(self, root: nn.Module, graph: fx.Graph):
         self.root, self.graph = root, graph
         self.found: list[str] = []
+        self.hooked: set[str] = set()  # children a pattern would have fused, but whose hooks must run
 
     def run(self) -> list[str]:
         for match in (self._gated, self._chain):  # gated first: its gate is also the start of a chain
@@ -269,6 +252,31 @@ class _Rewriter:
         self.found.append(description)
         return dead
 
+    def _unhooked(self, node: fx.Node | None) -> bool:
+        """False for a child with hooks: fused away, its hooks would not run (it is recorded, for a warning)."""
+        if node is None or node.op != "call_module":
+            return node is not None
+        module = self.root.get_submodule(node.target)
+        if _has_hooks(module):
+            if _fusable_child(module):
+                self.hooked.add(node.target)
+            return False
+        return True
+
+    def _linear(self, node: fx.Node | None) -> _Linear | None:
+        return _linear_of(self.root, node) if self._unhooked(node) else None
+
+    def _activation(self, node: fx.Node | None) -> ResolvedActivation | None:
+        return _activation_of_node(self.root, node) if self._unhooked(node) else None
+
+    def _next_after(self, node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
+        """The single user of node after pass-through modules (dropout that is off, nn.Identity), and those."""
+        skipped = []
+        while (nxt := _single_user(node)) is not None and self._unhooked(nxt) and _passthrough(self.root, nxt):
+            skipped.append(nxt)
+            node = nxt
+        return _single_user(node), skipped
+
     def _module(self, target: str) -> fx.Node:
         return self.graph.get_attr(target)
 
@@ -280,11 +288,11 @@ class _Rewriter:
         for a, b in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
             if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
                 return None
-            act = _activation_of_node(self.root, a)
+            act = self._activation(a)
             if act is None or not isinstance(a.args[0], fx.Node) or len(a.users) != 1:
                 continue
             gate_node, up_node = a.args[0], b
-            gate, up = _linear_of(self.root, gate_node), _linear_of(self.root, up_node)
+            gate, up = self._linear(gate_node), self._linear(up_node)
             if (gate is None or up is None or gate.transposed or up.transposed or gate_node.args[0] is not up_node.args[0]
                     or len(gate_node.users) != 1 or len(up_node.users) != 1):
                 continue
@@ -292,8 +300,8 @@ class _Rewriter:
             if g_mod.weight.shape != u_mod.weight.shape:
                 continue
             x = gate_node.args[0]
-            down_node, skipped = _next_after(self.root, mul)
-            down = _linear_of(self.root, down_node) if down_node is not None else None
+            down_node, skipped = self._next_after(mul)
+            down = self._linear(down_node)
             dead = [gate_node, up_node, a, mul]
             with self.graph.inserting_before(mul):
                 g_ref, u_ref = self._module(gate.target), self._module(up.target)
@@ -309,17 +317,17 @@ class _Rewriter:
 
     def _chain(self, start: fx.Node) -> set[fx.Node] | None:
         """L (act L)* [act], one hidden activation: an MLP, or a Dense for L act."""
-        first = _linear_of(self.root, start)
+        first = self._linear(start)
         if first is None:
             return None
         linears, nodes, hidden, output, last = [first], [start], None, None, start
         while True:
-            act_node, skipped = _next_after(self.root, last)
-            act = _activation_of_node(self.root, act_node) if act_node is not None else None
+            act_node, skipped = self._next_after(last)
+            act = self._activation(act_node)
             if act is None:
                 break
-            nxt, skipped2 = _next_after(self.root, act_node)
-            lin = _linear_of(self.root, nxt) if nxt is not None else None
+            nxt, skipped2 = self._next_after(act_node)
+            lin = self._linear(nxt)
             if lin is None or (hidden is not None and act != hidden):
                 output, last = act, act_node
                 nodes += skipped + [act_node]
@@ -369,7 +377,8 @@ def _train_state(module: nn.Module) -> tuple:
 
 
 def _rewrite(module: nn.Module, training: bool):
-    """(state, function, descriptions) of module's forward rewritten in train or eval mode, or None."""
+    """(state, function, descriptions, hooked children) of module's forward rewritten in train or
+    eval mode; None where fx cannot trace it."""
     flags = {m: m.training for m in module.modules()}
     try:
         module.train(training)
@@ -377,8 +386,9 @@ def _rewrite(module: nn.Module, training: bool):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = _ChildrenAsLeaves(module).trace(module)
-        found = _Rewriter(module, graph).run()
-        return (state, _compile_graph(graph), found) if found else None
+        rewriter = _Rewriter(module, graph)
+        found = rewriter.run()
+        return state, _compile_graph(graph) if found else None, found, rewriter.hooked
     except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
         return None
     finally:
@@ -397,15 +407,17 @@ class FusedForward:
         self.rewrites = rewrites  # {state: (function, descriptions)}; None until (re)built
 
     @staticmethod
-    def build(module: nn.Module) -> dict:
-        found = [_rewrite(module, mode) for mode in (True, False)]
-        return {state: (fn, descriptions) for state, fn, descriptions in filter(None, found)}
+    def build(module: nn.Module) -> tuple[dict, set[str]]:
+        """The rewrites that fuse something, per state, and the hooked children that stopped a fusion."""
+        found = [r for r in (_rewrite(module, mode) for mode in (True, False)) if r is not None]
+        rewrites = {state: (fn, descriptions) for state, fn, descriptions, _ in found if descriptions}
+        return rewrites, set().union(*(hooked for *_, hooked in found))
 
     def _current(self):
         if self.rewrites is None:
             if torch.compiler.is_compiling():  # cannot trace inside a compiled region: run unfused
                 return None
-            self.rewrites = self.build(self.module)
+            self.rewrites = self.build(self.module)[0]
         return self.rewrites.get(_train_state(self.module))
 
     def descriptions(self) -> list[str]:
@@ -425,7 +437,6 @@ class FusedForward:
         return FusedForward(copy.deepcopy(self.module, memo), self.rewrites)
 
 
-# Children that a rewrite may fuse away: a hook on one of them stops it (with a warning).
 def _fusable_child(module: nn.Module) -> bool:
     return (isinstance(module, (nn.Linear, nn.Identity, nn.modules.dropout._DropoutNd))
             or activation_of(module) is not None)
@@ -435,11 +446,9 @@ def _fuse_module(module: nn.Module, name: str) -> None:
     if (isinstance(module, (nn.Linear, torch.jit.ScriptModule, fx.GraphModule)) or not list(module.children())
             or "forward" in module.__dict__):  # converted already, or a forward replaced by someone else
         return
-    rewrites = FusedForward.build(module)
-    if not rewrites:
-        return
-    hooked = [n for n, m in module.named_children() if _has_hooks(m) and _fusable_child(m)]
+    rewrites, hooked = FusedForward.build(module)
     if hooked:
-        warnings.warn(f"bpext.convert: in {name or type(module).__name__}, {', '.join(hooked)} "
+        warnings.warn(f"bpext.convert: in {name or type(module).__name__}, {', '.join(sorted(hooked))} "
                       f"have hooks, so they were not fused (their hooks keep running)", stacklevel=3)
-    module.__dict__["forward"] = FusedForward(module, rewrites)
+    if rewrites:
+        module.__dict__["forward"] = FusedForward(module, rewrites)

@@ -20,6 +20,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.utils import _pytree as pytree
 
 from ._ops import mlp_keeps_nothing, ops
 from .activations import ResolvedActivation, resolve, resolve_by_values
@@ -140,8 +141,9 @@ class ActivationBackwardFunction(Function):
 
 
 class ActivationSecondFunction(Function):
-    """The second-derivative pass: (grad_grad_x * act'(s), grad_grad_x * grad_y * act''(s)).
-    Differentiating it once more would need act''': it raises instead of returning a wrong number."""
+    """The second-derivative pass: (grad_grad_x * act'(s), grad_grad_x * grad_y * act''(s)),
+    differentiable in grad_grad_x and grad_y. Its derivative in s would need the activation's third
+    derivative: there it raises instead of returning a wrong number."""
 
     generate_vmap_rule = True
 
@@ -151,15 +153,36 @@ class ActivationSecondFunction(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        grad_grad_x, grad_y, saved, act = inputs
+        ctx.act = act
+        _save(ctx, (grad_grad_x, grad_y, saved), (grad_grad_x, grad_y, saved))
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(THIRD_ORDER)
+    def backward(ctx, grad_first, grad_second):
+        grad_grad_x, grad_y, saved = ctx.saved_tensors
+        act, needs = ctx.act, ctx.needs_input_grad
+        if needs[2]:
+            raise NotImplementedError(THIRD_ORDER)
+        second = lambda a, b: ops.activation_double_backward(a, b, saved, act.name, act.params)[1]  # noqa: E731
+        grads = [None, None]
+        if needs[0]:  # d/d grad_grad_x: act'(s), and grad_y act''(s)
+            grads[0] = _sum([None if grad_first is None else _derivative(grad_first, saved, act),
+                             None if grad_second is None else second(grad_second, grad_y)])
+        if needs[1] and grad_second is not None:  # d/d grad_y: grad_grad_x act''(s)
+            grads[1] = second(grad_second, grad_grad_x)
+        return grads[0], grads[1], None, None
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(THIRD_ORDER)
+    def jvp(ctx, grad_grad_x_t, grad_y_t, saved_t, _):
+        if saved_t is not None:
+            raise NotImplementedError(THIRD_ORDER)
+        grad_grad_x, grad_y, saved = ctx.saved_tensors
+        act = ctx.act
+        first_t = None if grad_grad_x_t is None else _derivative(grad_grad_x_t, saved, act)
+        second_t = _sum([None if t is None else ops.activation_double_backward(t, other, saved, act.name,
+                                                                               act.params)[1]
+                         for t, other in ((grad_grad_x_t, grad_y), (grad_y_t, grad_grad_x))])
+        return first_t, second_t
 
 
 # ---- dense layers ---------------------------------------------------------------------------
@@ -297,6 +320,15 @@ def _gated_grads(grad_h, x, weight_gate, bias_gate, weight_up, bias_up, act: Act
     return _sum([gx_gate, gx_up]), gw_gate, gb_gate, gw_up, gb_up
 
 
+def _op_biases(biases, like) -> list[torch.Tensor]:
+    """The mlp ops take a list of tensors: (0) stands for a layer without bias."""
+    return [b if b is not None else like.new_empty(0) for b in biases]
+
+
+def _layer_biases(biases) -> list[torch.Tensor | None]:
+    return [b if b.numel() > 0 else None for b in biases]
+
+
 def _mlp_setup(ctx, x, tensors, hidden: Act, output: Act, y, saved, needs_x, needs_tensors):
     """What MLPFunction and the mlp_forward op keep: x, the weights, the kept tensors, and the
     output when the last activation's derivative reads it."""
@@ -327,7 +359,7 @@ def _mlp_backward(ctx, grad_y):
         grads = _stack_grads(grad_y, x, weights, biases, acts, needs)
         return (grads[0] if needs[0] else None), grads[1:]
     y = y if y is not None else grad_y.new_empty(0)
-    grad_x, grad_w, grad_b = ops.mlp_backward(grad_y, x, y, list(weights), list(biases), list(saved), hidden.name,
+    grad_x, grad_w, grad_b = ops.mlp_backward(grad_y, x, y, list(weights), _op_biases(biases, x), list(saved), hidden.name,
                                               hidden.params, output.name, output.params, needs[0])
     grads = [g if need and t is not None else None
              for g, t, need in zip([*grad_w, *grad_b], [*weights, *biases], needs[1:])]
@@ -358,7 +390,8 @@ class MLPFunction(Function):
     @staticmethod
     def forward(x, hidden: Act, output: Act, save: bool, *tensors):
         n = len(tensors) // 2
-        y, saved = ops.mlp_forward(x, list(tensors[:n]), list(tensors[n:]), hidden.name, hidden.params, output.name,
+        y, saved = ops.mlp_forward(x, list(tensors[:n]), _op_biases(tensors[n:], x), hidden.name, hidden.params,
+                                   output.name,
                                    output.params, save)
         return (y, *saved)
 
@@ -505,7 +538,7 @@ def _register(op_name: str, function: type[Function], at: int) -> None:
 def _mlp_op_setup_context(ctx, inputs, output):
     x, weights, biases, activation, params, output_activation, output_params, _ = inputs
     y, saved = output
-    tensors = [*weights, *biases]
+    tensors = [*weights, *_layer_biases(biases)]
     needs = ctx.needs_input_grad  # lists arrive flattened: x, the weights, the biases, ...
     ctx.n_params = (len(params), len(output_params))
     _mlp_setup(ctx, x, tensors, resolve_by_values(activation, tuple(params)),
@@ -519,6 +552,90 @@ def _mlp_op_backward(ctx, grad_y, _):
     no_params = [[None] * k for k in ctx.n_params]  # the structure of the inputs, lists of floats included
     return grad_x, grads[:n], grads[n:], None, no_params[0], None, no_params[1], None
 
+
+# The backward ops are reached by autograd only when differentiated directly (opcheck; the backward
+# graph of an exported program differentiated again): the vjp of each one's definition, written
+# in the differentiable pieces above and recomputed.
+
+
+def _dense_backward_definition(grad_y, x, weight, saved, activation, params, mask):
+    act = resolve_by_values(activation, tuple(params))
+    dz = _derivative(grad_y, saved if act.saves != "nothing" else None, act)
+    return _placeholders(_linear_grads(dz, x, weight, mask), grad_y)
+
+
+def _gated_backward_definition(grad_y, x, weight_gate, weight_up, gate, up, activation, params, mask):
+    act = resolve_by_values(activation, tuple(params))
+    y = ActivationFunction.apply(gate, act)
+    grad_gate, grad_up = _derivative(grad_y * up, _saved_of(act, gate, y), act), grad_y * y
+    gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (mask[0], mask[1], mask[2]))
+    gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (mask[0], mask[3], mask[4]))
+    return _placeholders((_sum([gx_gate, gx_up]), gw_gate, gb_gate, gw_up, gb_up), grad_y)
+
+
+def _gated_mlp_backward_definition(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params,
+                                   mask):
+    h = ActivationFunction.apply(gate, resolve_by_values(activation, tuple(params))) * up
+    grad_h, grad_wd, grad_bd = _linear_grads(grad_y, h, weight_down, (True, mask[5], mask[6]))
+    return (*_gated_backward_definition(grad_h, x, weight_gate, weight_up, gate, up, activation, params, mask[:5]),
+            *_placeholders((grad_wd, grad_bd), grad_y))
+
+
+def _mlp_backward_definition(grad_y, x, y, weights, biases, saved, activation, params, output_activation,
+                             output_params, input_grad):
+    n = len(weights)
+    acts = [resolve_by_values(activation, tuple(params))] * (n - 1) + [
+        resolve_by_values(output_activation, tuple(output_params))]
+    # What each layer's derivative reads, and each layer's input, from what mlp_forward kept.
+    reads = [y if mlp_keeps_nothing(i, n, acts[i].name) else saved[i] for i in range(n)]
+    biases = _layer_biases(biases)
+    inputs = [x] + [ActivationFunction.apply(s, acts[0]) if acts[0].saves == "input" else s for s in saved[:-1]]
+    grads_w, grads_b, g = [None] * n, [None] * n, grad_y
+    for i in reversed(range(n)):
+        dz = _derivative(g, reads[i], acts[i])
+        g, grads_w[i], grads_b[i] = _linear_grads(dz, inputs[i], weights[i], (i > 0 or input_grad, True,
+                                                                             biases[i] is not None))
+    return _placeholders((g,), grad_y)[0], grads_w, _placeholders(grads_b, grad_y)
+
+
+def _placeholders(grads, like):
+    """The (0) tensors a backward op returns for what it was not asked to compute."""
+    return tuple(like.new_empty(0) if g is None else g for g in grads)
+
+
+def _register_backward_op(op_name: str, definition) -> None:
+    def setup_context(ctx, inputs, output):
+        flat, ctx.spec = pytree.tree_flatten(inputs)
+        ctx.is_tensor = [isinstance(t, torch.Tensor) for t in flat]
+        ctx.constants = [None if is_tensor else t for t, is_tensor in zip(flat, ctx.is_tensor)]
+        ctx.save_for_backward(*[t for t in flat if isinstance(t, torch.Tensor)])
+
+    def backward(ctx, *grads):
+        tensors = iter(ctx.saved_tensors)
+        flat = [next(tensors) if is_tensor else c for c, is_tensor in zip(ctx.constants, ctx.is_tensor)]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+                      for t in flat]
+            inputs = pytree.tree_unflatten(leaves, ctx.spec)
+            outputs = pytree.tree_leaves(definition(*inputs))
+            pairs = [(o, g) for o, g in zip(outputs, pytree.tree_leaves(grads)) if g is not None and o.requires_grad]
+            wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+            found = dict(zip(map(id, wanted), torch.autograd.grad(
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs else []))
+        # One gradient per argument (None for non-tensors); an op with lists of tensors wants every
+        # list answered by a list.
+        lists = any(isinstance(arg, list) and any(isinstance(t, torch.Tensor) for t in arg) for arg in inputs)
+        return tuple([found.get(id(t)) for t in arg] if lists and isinstance(arg, list) else found.get(id(arg))
+                     for arg in inputs)
+
+    torch.library.register_autograd(f"bpext::{op_name}", backward, setup_context=setup_context)
+
+
+for _op, _definition in (("dense_backward", _dense_backward_definition),
+                         ("gated_backward", _gated_backward_definition),
+                         ("gated_mlp_backward", _gated_mlp_backward_definition),
+                         ("mlp_backward", _mlp_backward_definition)):
+    _register_backward_op(_op, _definition)
 
 for _op, _function, _at in (("activation_forward", ActivationFunction, 1),
                             ("activation_backward", ActivationBackwardFunction, 2),
@@ -606,15 +723,15 @@ def mlp(
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
         raise ValueError(f"mlp: got {len(weights)} weights but {len(biases)} biases")
+    for i, (w, b) in enumerate(zip(weights, biases)):  # an empty tensor stands for "no bias" in the op
+        if b is not None and b.numel() == 0 and w.dim() == 2 and w.shape[0] > 0:
+            raise ValueError(f"mlp: biases[{i}] must be 1-D of size out_features ({w.shape[0]}) or None, "
+                             f"got shape {list(b.shape)}")
     x, *tensors = _autocast(x, *weights, *biases)
     n, save = len(weights), _builds_graph(x, *tensors)
-    if torch.jit.is_tracing():  # TorchScript cannot trace lists holding None: one dense op per layer
-        for i, (w, b) in enumerate(zip(tensors[:n], tensors[n:])):
-            x = dense(x, w, b, output if i == n - 1 else hidden)
-        return x
-    if torch.compiler.is_compiling():
-        return ops.mlp_forward(x, tensors[:n], tensors[n:], hidden.name, hidden.params, output.name, output.params,
-                               save)[0]
+    if _through_ops():
+        return ops.mlp_forward(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
+                               output.params, save)[0]
     return MLPFunction.apply(x, hidden, output, save, *tensors)[0]
 
 

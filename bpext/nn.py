@@ -109,18 +109,26 @@ class MLP(nn.Module):
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential) -> "MLP":
-        """From ``nn.Sequential(Linear, act, Linear, act, ..., Linear[, act])`` with one hidden activation."""
-        mods = list(seq)
-        linears = mods[::2]
-        acts = [activation_of(m) for m in mods[1::2]]
-        if (not linears or any(type(m) is not nn.Linear for m in linears) or None in acts
-                or len(set(acts[:len(linears) - 1])) > 1):
+        """From ``nn.Sequential(Linear, act, Linear, act, ..., Linear[, act])`` with one hidden
+        activation (none between two Linear layers is identity)."""
+        linears, acts = [], []  # acts[i]: the activation after linears[i]
+        for module in seq:
+            if type(module) is nn.Linear:
+                if len(acts) < len(linears):
+                    acts.append(resolve("identity"))
+                linears.append(module)
+            elif linears and len(acts) < len(linears) and activation_of(module) is not None:
+                acts.append(activation_of(module))
+            else:
+                linears = []
+                break
+        hidden = set(acts[:len(linears) - 1])
+        if not linears or len(hidden) > 1:
             raise ValueError("MLP.from_sequential: expected Linear, act, Linear, ..., Linear[, act] with one "
                              "supported hidden activation throughout")
         identity = resolve("identity")
-        hidden = acts[0] if len(linears) > 1 else identity
         output = acts[len(linears) - 1] if len(acts) == len(linears) else identity
-        return cls.from_linears(linears, hidden, output)
+        return cls.from_linears(linears, hidden.pop() if hidden else identity, output)
 
     def to_sequential(self) -> nn.Sequential:
         """The native equivalent, sharing this MLP's parameters."""
@@ -194,18 +202,24 @@ class Activation(nn.Module):
 # ---- activation modules generated from the registry ------------------------------------------
 
 
-def activation_of(module: nn.Module) -> ResolvedActivation | None:
+def activation_of(module: nn.Module, strict: bool = False) -> ResolvedActivation | None:
     """The bpext activation that a torch.nn (or bpext) activation module computes, read from its
-    attributes; None for any other module or a setting bpext does not support."""
+    attributes; None for any other module or a setting bpext does not support (``strict``: raise
+    ValueError saying why)."""
     if isinstance(module, Activation):
         return module.activation
-    kind = _TORCH_BASE.get(type(module))
-    for spec in _SPECS_BY_MODULE.get(kind, ()):
+    specs = _SPECS_BY_MODULE.get(_TORCH_BASE.get(type(module)), ())
+    for spec in specs:
         if all(getattr(module, k, None) == v for k, v in spec.torch.fixed.items()):
             try:
                 return resolve(spec.name, **{p.name: getattr(module, p.name) for p in spec.params})
-            except (ValueError, TypeError):
+            except ValueError:
+                if strict:
+                    raise
                 return None
+    if strict:
+        settings = " or ".join(", ".join(f"{k}={v!r}" for k, v in s.torch.fixed.items()) for s in specs)
+        raise ValueError(f"{type(module).__name__}({module.extra_repr()}): bpext computes it with {settings}")
     return None
 
 
@@ -221,8 +235,7 @@ def _make_torch_twin(torch_class: type[nn.Module]) -> type[nn.Module]:
 
     def __init__(self, *args, **kwargs):
         torch_class.__init__(self, *args, **kwargs)
-        if activation_of(self) is None:
-            raise ValueError(f"{torch_class.__name__}({self.extra_repr()}): a setting bpext does not support")
+        activation_of(self, strict=True)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         key = tuple(getattr(self, name) for name in self._bpext_attributes)

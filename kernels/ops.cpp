@@ -146,15 +146,14 @@ at::Tensor dense_dz(const Backend& backend, const ActivationArg& act, const at::
   return dz;
 }
 
-// grad_y: (*, OUT), saved: (*, OUT) (unread for identity), x2: (N, IN) or undefined, weight: (OUT, IN)
-//   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
+// grad_y: (*, OUT), saved: (*, OUT) (unread for identity), x2: (N, IN) or undefined, weight: (OUT, IN) or
+// undefined -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless mask asks for it
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_rows(const Backend& backend, const ActivationArg& act,
                                                                    const at::Tensor& grad_y, const at::Tensor& x2,
                                                                    const at::Tensor& weight, const at::Tensor& saved,
                                                                    std::array<bool, 3> mask) {
   const at::Tensor g2 = contiguous_rows(grad_y);
-  const int64_t out_features = weight.size(0);
-  at::Tensor grad_bias = mask[2] ? at::empty({out_features}, g2.options()) : empty0(g2);
+  at::Tensor grad_bias = mask[2] ? at::empty({g2.size(1)}, g2.options()) : empty0(g2);
   at::Tensor grad_x = empty0(g2), grad_weight = empty0(g2);
   if (!mask[0] && !mask[1] && !mask[2]) return {grad_x, grad_weight, grad_bias};
   const bool reads_saved = act.saves() != Saves::kNothing;
@@ -169,34 +168,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward_rows(const Backend
   return {grad_x, grad_weight, grad_bias};
 }
 
-// grad_y, saved: (*, OUT), x: (*, IN), weight: (OUT, IN)
+// grad_y, saved: (*, OUT), x: (*, IN) (read for grad_weight), weight: (OUT, IN) (read for grad_x)
 //   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& grad_y,
                                                              const std::optional<at::Tensor>& x,
-                                                             const at::Tensor& weight, const at::Tensor& saved,
-                                                             c10::string_view activation, at::ArrayRef<double> params,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             const at::Tensor& saved, c10::string_view activation,
+                                                             at::ArrayRef<double> params,
                                                              std::array<bool, 3> output_mask) {
   constexpr const char* op = "bpext.dense_backward";
   check_floating(grad_y, op, "grad_y");
   const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
-              show(weight.sizes()));
-  check_same_dtype_device(grad_y, weight, op, "grad_y", "weight");
-  check_rows(grad_y, weight.size(0), op, "grad_y", "out_features");
+  TORCH_CHECK(grad_y.dim() >= 1, op, ": grad_y must have at least 1 dimension (*, out_features), got a 0-D tensor");
+  const int64_t out_features = grad_y.size(-1);
   if (act.saves() != Saves::kNothing) {
     check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
     check_same_shape(grad_y, saved, op, "grad_y", "saved");
   }
+  if (output_mask[0]) {
+    TORCH_CHECK(weight.has_value(), op, ": weight is required to compute grad_x");
+    TORCH_CHECK(weight->dim() == 2 && weight->size(0) == out_features, op,
+                ": weight must be 2-D of shape (", show(out_features), ", in_features) to match grad_y ",
+                show(grad_y.sizes()), ", got shape ", show(weight->sizes()));
+    check_same_dtype_device(grad_y, *weight, op, "grad_y", "weight");
+  }
   if (output_mask[1]) {
     TORCH_CHECK(x.has_value(), op, ": x is required to compute grad_weight");
     check_same_dtype_device(grad_y, *x, op, "grad_y", "x");
-    TORCH_CHECK(x->dim() >= 1 && x->size(-1) == weight.size(1) && rows_of(*x) == rows_of(grad_y), op,
-                ": x must have shape (*, ", show(weight.size(1)), ") with as many rows as grad_y ",
-                show(grad_y.sizes()), ", got ", show(x->sizes()));
+    TORCH_CHECK(x->dim() >= 1 && rows_of(*x) == rows_of(grad_y), op, ": x must have shape (*, in_features) with "
+                "as many rows as grad_y ", show(grad_y.sizes()), ", got ", show(x->sizes()));
+    TORCH_CHECK(!output_mask[0] || x->size(-1) == weight->size(1), op, ": x must have shape (*, ",
+                show(weight->size(1)), ") to match weight, got ", show(x->sizes()));
   }
   const c10::OptionalDeviceGuard guard(grad_y.device());
   return dense_backward_rows(backend_for(grad_y.device().type()), act, grad_y,
-                             output_mask[1] ? as_rows(*x) : at::Tensor(), weight, saved, output_mask);
+                             output_mask[1] ? as_rows(*x) : at::Tensor(),
+                             output_mask[0] ? *weight : at::Tensor(), saved, output_mask);
 }
 
 // ---- gated layers: y = act(x Wg^T + bg) * (x Wu^T + bu) -----------------------------------
@@ -376,13 +383,13 @@ Network parse_network(c10::string_view activation, at::ArrayRef<double> params, 
           parse_activation(output_activation, output_params, dtype, op)};
 }
 
-// x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or none -> the biases, undefined where none
-std::vector<at::Tensor> check_mlp_args(const at::Tensor& x, at::TensorList weights,
-                                       const c10::List<std::optional<at::Tensor>>& biases, const char* op) {
+// x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or (0) -> the biases, undefined where (0)
+std::vector<at::Tensor> check_mlp_args(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                                       const char* op) {
   check_floating(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (*, in_features), got a 0-D tensor");
   TORCH_CHECK(!weights.empty(), op, ": weights must hold at least one layer");
-  TORCH_CHECK(biases.size() == weights.size(), op, ": biases must have one entry (a tensor or None) per layer: ",
+  TORCH_CHECK(biases.size() == weights.size(), op, ": biases must have one entry (a tensor, (0) for none) per layer: ",
               show(static_cast<int64_t>(weights.size())), " weights, ", show(static_cast<int64_t>(biases.size())),
               " biases");
   std::vector<at::Tensor> out;
@@ -392,7 +399,7 @@ std::vector<at::Tensor> check_mlp_args(const at::Tensor& x, at::TensorList weigh
     const std::string b_arg = "biases[" + show(static_cast<int64_t>(l)) + "]";
     check_weight(x, weights[l], width, op, w_arg.c_str());
     width = weights[l].size(0);
-    const std::optional<at::Tensor> b = biases.get(l);
+    const std::optional<at::Tensor> b = biases[l].numel() > 0 ? std::optional(biases[l]) : std::nullopt;
     check_bias(x, b, width, op, b_arg.c_str());
     out.push_back(bias_or_undefined(b));
   }
@@ -401,8 +408,8 @@ std::vector<at::Tensor> check_mlp_args(const at::Tensor& x, at::TensorList weigh
 
 // x: (*, W0) -> y: (*, W[L]), saved: one tensor per layer (see mlp_keeps_*) when `save`, else none
 std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x, at::TensorList weights,
-                                                            const c10::List<std::optional<at::Tensor>>& biases,
-                                                            c10::string_view activation, at::ArrayRef<double> params,
+                                                            at::TensorList biases, c10::string_view activation,
+                                                            at::ArrayRef<double> params,
                                                             c10::string_view output_activation,
                                                             at::ArrayRef<double> output_params, bool save) {
   constexpr const char* op = "bpext.mlp_forward";
@@ -439,7 +446,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x,
 // grad_y: (*, W[L]) -> grad_x: (*, W0) (or (0) unless input_grad), grad_weights[l], grad_biases[l] ((0) without bias)
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
-    const c10::List<std::optional<at::Tensor>>& biases, at::TensorList saved, c10::string_view activation,
+    at::TensorList biases, at::TensorList saved, c10::string_view activation,
     at::ArrayRef<double> params, c10::string_view output_activation, at::ArrayRef<double> output_params,
     bool input_grad) {
   constexpr const char* op = "bpext.mlp_backward";

@@ -31,10 +31,10 @@ void define_ops(torch::Library& m) {
   m.def(
       "dense_forward(Tensor x, Tensor weight, Tensor? bias, str activation, float[] params, bool return_preact) "
       "-> (Tensor, Tensor)");
-  // grad_y, saved: (*, OUT), x: (*, IN), weight: (OUT, IN)
+  // grad_y, saved: (*, OUT), x: (*, IN) (for grad_weight), weight: (OUT, IN) (for grad_x)
   //   -> grad_x: (*, IN), grad_weight: (OUT, IN), grad_bias: (OUT); each (0) unless output_mask asks for it
   m.def(
-      "dense_backward(Tensor grad_y, Tensor? x, Tensor weight, Tensor saved, str activation, float[] params, "
+      "dense_backward(Tensor grad_y, Tensor? x, Tensor? weight, Tensor saved, str activation, float[] params, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // x: (*, IN), weight_gate, weight_up: (H, IN), biases: (H)
   //   -> y = act(x Wg^T + bg) * (x Wu^T + bu): (*, H), and the two pre-activations (*, H) or (0) unless save
@@ -56,15 +56,16 @@ void define_ops(torch::Library& m) {
       "gated_mlp_backward(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor weight_down, "
       "Tensor gate, Tensor up, str activation, float[] params, bool[7] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or None; hidden layers use
+  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]), or (0) for a layer without bias (a
+  // list of tensors, not of optional ones: autograd, tracing and export take those); hidden layers use
   // `activation`, the last `output_activation`
   //   -> y: (*, OUT), saved: one tensor per layer when `save` (see bpext/backend.h)
   m.def(
-      "mlp_forward(Tensor x, Tensor[] weights, Tensor?[] biases, str activation, float[] params, "
+      "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, str activation, float[] params, "
       "str output_activation, float[] output_params, bool save) -> (Tensor, Tensor[])");
   // -> grad_x: (*, W0) or (0) unless input_grad, grad_weights[l], grad_biases[l] ((0) for a layer without bias)
   m.def(
-      "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor?[] biases, Tensor[] saved, "
+      "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor[] biases, Tensor[] saved, "
       "str activation, float[] params, str output_activation, float[] output_params, bool input_grad) "
       "-> (Tensor, Tensor[], Tensor[])");
 

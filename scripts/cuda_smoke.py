@@ -21,10 +21,10 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             g.sum().backward()  # activation_double_backward
         for fout in (64, 37):
             for lt in (True, False):
-                previous = _ops.set_cublaslt_epilogue(lt)
+                previous = _ops.set_gemm_epilogue(lt)
                 x = torch.randn(129, 48, device="cuda", dtype=dtype, requires_grad=True)
                 layer = bpext.nn.Dense(48, fout, activation=name, device="cuda", dtype=dtype)
                 layer(x).sum().backward()
-                _ops.set_cublaslt_epilogue(previous)
+                _ops.set_gemm_epilogue(previous)
 torch.cuda.synchronize()
 print("cuda smoke: all kernels ran")

@@ -14,7 +14,8 @@ ACTS = bpext.ACTIVATIONS
 
 def kink_inputs(dtype, device, params):
     """Random values plus the points where activations bend, saturate or overflow."""
-    special = [0.0, -0.0, 1e-4, -1e-4, 1.0, -1.0, 3.0, -3.0, 10.0, -10.0, 30.0, -30.0, 100.0, -100.0]
+    special = [0.0, -0.0, 1e-4, -1e-4, 1.0, -1.0, 3.0, -3.0, 2.999, -2.999, 3.001, -3.001, 10.0, -10.0, 30.0, -30.0,
+               100.0, -100.0]
     beta, threshold = params.get("beta", 1.0), params.get("threshold", 20.0)
     special += [threshold / beta, threshold / beta + 1e-3, threshold / beta - 1e-3]
     torch.manual_seed(0)
@@ -63,10 +64,11 @@ def test_gradcheck_float64(name, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ACTS)
 def test_nan_and_inf_propagate_like_native(name, device):
-    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5], device=device)
-    grad = torch.tensor([1.0, 1.0, 1.0, float("nan")], device=device)
+    # 64 elements: native's vectorized path (its scalar tail can treat NaN otherwise, e.g. hardswish's gradient)
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.5], device=device).repeat(16)
+    grad = torch.tensor([1.0, 1.0, 1.0, float("nan")], device=device).repeat(16)
     (y, gx), (y_ref, gx_ref) = run_both(x, name, {}, grad)
-    # A NaN input or upstream gradient gives NaN (index 0, and 3 for the gradient).
+    # A NaN input or upstream gradient gives NaN (index 0, and 3 for the gradient) where native's does.
     assert y[0].isnan() and torch.equal(gx[[0, 3]].isnan(), gx_ref[[0, 3]].isnan())
     # At +-inf bpext equals native, or gives the mathematical limit where native gives NaN
     # (native CPU gelu(inf) is NaN; bpext's is inf), never NaN where native has a number.
@@ -116,13 +118,25 @@ def test_unaligned_input(device):
     torch.testing.assert_close(bpext.functional.activation(x, "tanh"), torch.tanh(x))
 
 
-def test_saved_tensor_policy():
-    """Activations whose derivative follows from y save y; the others save z (the input)."""
-    for name in ACTS:
-        x = torch.randn(10, requires_grad=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = bpext.functional.activation(x, name)
-        assert len(saved) == 1
-        expected = y if resolve(name).spec.saves_output else x
-        assert saved[0] is expected or saved[0].data_ptr() == expected.data_ptr(), name
+@pytest.mark.parametrize("name", ACTS)
+def test_saved_tensor_policy(name):
+    """Each activation saves exactly the tensor its policy names: y, x, or nothing (identity)."""
+    x = torch.randn(10, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = bpext.functional.activation(x, name)
+    expected = {"output": [y], "input": [x], "nothing": []}[resolve(name).saves]
+    assert [t.data_ptr() for t in saved] == [t.data_ptr() for t in expected]
+
+
+@pytest.mark.parametrize("name", ["leaky_relu", "elu", "gelu", "hardswish"])
+def test_in_place_on_output_like_native(name):
+    """Activations that save their input let the output be changed in place before backward, as native does."""
+    results = []
+    for fn in (lambda t: bpext.functional.activation(t, name), resolve(name).reference):
+        x = torch.randn(6, requires_grad=True, generator=torch.Generator().manual_seed(0))
+        y = fn(x)
+        y.mul_(2.0)
+        y.sum().backward()
+        results.append((y.detach(), x.grad))
+    torch.testing.assert_close(results[0], results[1])

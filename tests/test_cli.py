@@ -54,6 +54,7 @@ def test_demo_trains_both_models_identically(tmp_path):
 @pytest.mark.parametrize("args", [
     ["bench", "--dtype", "int8"],
     ["bench", "--device", "tpu"],
+    ["bench", "--device", "cuda:x"],
     ["demo", "--epochs", "0"],
     ["frobnicate"],
     [],

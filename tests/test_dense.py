@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import bpext
 from bpext.activations import resolve
 from conftest import DEVICES, NON_DEFAULT_PARAMS, assert_close_to_reference, device_dtype_params
@@ -40,15 +42,16 @@ def test_matches_native(name, device, dtype, bias):
     x, w, b = make((5, 3, 24), 40, dtype, device, bias)
     grad = torch.randn(5, 3, 40, dtype=torch.float64).to(dtype=dtype, device=device)
     y, grads = grads_of(lambda *t: bpext.functional.dense(*t, activation=name, **params), (x, w, b), grad)
+    y_nat, grads_nat = grads_of(lambda *t: native_dense(*t, name, **params), (x, w, b), grad)
     # The exact answer for these (rounded) inputs: native autograd in float64.
     as64 = [t.double() if t is not None else None for t in (x, w, b)]
     y_ref, grads_ref = grads_of(lambda *t: native_dense(*t, name, **params), as64, grad.double())
     assert y.shape == (5, 3, 40) and y.dtype == dtype
-    assert_close_to_reference(y, y_ref, dtype)
-    for g, g_ref in zip(grads, grads_ref):
+    assert_close_to_reference(y, y_ref, dtype, y_nat)
+    for g, g_nat, g_ref in zip(grads, grads_nat, grads_ref):
         if g_ref is not None:
             assert g.dtype == dtype
-            assert_close_to_reference(g, g_ref, dtype)
+            assert_close_to_reference(g, g_ref, dtype, g_nat)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,12 +124,33 @@ def test_zero_in_features(device):
     torch.testing.assert_close(y, torch.relu(b).expand(4, 3))
 
 
+class OpCalls(TorchDispatchMode):
+    """Records the arguments of every bpext op called inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bpext":
+            self.calls.append((func.__name__.split(".")[0], args))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inference_saves_nothing_and_skips_preact(device):
     x, w, b = make((4, 8), 3, torch.float32, device)
-    with torch.no_grad():
+    saved = []
+    with torch.no_grad(), OpCalls() as calls, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t) or t, lambda t: t):
         y = bpext.functional.dense(x, w, b, activation="gelu")
     torch.testing.assert_close(y, native_dense(x, w, b, "gelu").detach())
+    assert saved == [] and y.grad_fn is None
+    [(name, args)] = [c for c in calls.calls if not c[0].startswith("_")]
+    assert name == "dense_forward" and args[-1] is False  # return_preact: no pre-activation written
+    with OpCalls() as calls:
+        bpext.functional.dense(x, w, b, activation="gelu")
+    assert calls.calls[0][1][-1] is True  # with a graph, gelu's backward reads z
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -170,3 +194,85 @@ def test_second_device():
     torch.testing.assert_close(y, native_dense(x, w, b, "gelu"))
     y.sum().backward()
     assert w.grad.device == torch.device("cuda:1")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_out_features(device):
+    """Dense(4, 0): an empty output, and gradients like nn.Linear's (zeros for x)."""
+    layer = bpext.nn.Dense(4, 0, device=device)
+    x = torch.randn(5, 4, device=device, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (5, 0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and layer.weight.grad.shape == (0, 4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_in_features_double_backward(device):
+    x, w, b = make((4, 0), 3, torch.float64, device)
+    assert torch.autograd.gradgradcheck(lambda *t: bpext.functional.dense(*t, activation="tanh"), (x, w, b))
+
+
+def test_weight_changed_in_place_when_only_weight_grad_is_needed():
+    """x needs no gradient: the weight is not saved, so editing it before backward is fine (as natively)."""
+    results = []
+    for fn in (lambda *t: bpext.functional.dense(*t, activation="tanh"), lambda *t: native_dense(*t, "tanh")):
+        x, w, b = make((6, 5), 4, torch.float32, "cpu")
+        x.requires_grad_(False)
+        y = fn(x, w, b)
+        with torch.no_grad():
+            w.add_(1.0)
+        y.sum().backward()
+        results.append((w.grad, b.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["identity", "gelu", "leaky_relu"])
+@pytest.mark.parametrize("idiom", ["add_", "relu_inplace", "dropout_inplace", "mul_"])
+def test_in_place_ops_on_the_output(name, idiom):
+    """Output edits that work on nn.Linear (+ an activation that saves its input) work on Dense, with the same gradients."""
+    ops = {
+        "add_": lambda y, skip: y.add_(skip),
+        "relu_inplace": lambda y, skip: torch.nn.functional.relu(y, inplace=True),
+        "dropout_inplace": lambda y, skip: torch.nn.functional.dropout(y, 0.0, training=True, inplace=True),
+        "mul_": lambda y, skip: y.mul_(skip),
+    }
+    results = []
+    for layer_fn in (lambda *t: bpext.functional.dense(*t, activation=name), lambda *t: native_dense(*t, name)):
+        x, w, b = make((2, 3, 6), 5, torch.float64, "cpu")
+        skip = torch.randn(2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        out = ops[idiom](layer_fn(x, w, b), skip)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, w.grad, b.grad))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_version_counter_still_guards_what_backward_reads():
+    """A tensor backward reads (relu's output, as natively) edited in place: the same error as native."""
+    for fn in (lambda *t: bpext.functional.dense(*t, activation="relu"), lambda *t: native_dense(*t, "relu")):
+        y = fn(*make((3, 4), 2, torch.float32, "cpu"))
+        y.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+def test_modules_take_input_by_keyword_like_torch_nn():
+    x = torch.randn(2, 4)
+    assert bpext.nn.Dense(4, 3)(input=x).shape == (2, 3)
+    assert bpext.nn.GELU()(input=x).shape == (2, 4)
+    assert bpext.nn.MLP(4, [5], 3)(input=x).shape == (2, 3)
+    assert isinstance(bpext.nn.Dense(4, 3), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transposed_weight_view(device):
+    """A weight stored (in, out), as GPT-2's Conv1D keeps it, passed as its .t() view: no copy needed."""
+    x, w, b = make((5, 6), 4, torch.float32, device)
+    w_in_out = w.detach().t().contiguous().requires_grad_(True)
+    y, grads = grads_of(lambda x, w_io, b: bpext.functional.dense(x, w_io.t(), b, activation="gelu"),
+                        (x, w_in_out, b), torch.ones(5, 4, device=device))
+    y_ref, grads_ref = grads_of(lambda x, w_io, b: native_dense(x, w_io.t(), b, "gelu"), (x, w_in_out, b),
+                                torch.ones(5, 4, device=device))
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import traceback
 
 import pytest
 import torch
@@ -34,7 +37,7 @@ def train(model, x, t, steps=STEPS):
     return model
 
 
-def _worker(rank, port, wrap, init_state, out_path):
+def _train_and_save(rank, port, wrap, init_state, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
@@ -53,11 +56,26 @@ def _worker(rank, port, wrap, init_state, out_path):
             state = {k: v.full_tensor() for k, v in model.state_dict().items()}
         if rank == 0:
             torch.save(state, out_path)
-        # Both ranks leave with no collective in flight: gloo aborts a process whose worker
-        # threads still hold work when the group is torn down.
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank, port, wrap, init_state, out_path):
+    # gloo's worker threads can outlive destroy_process_group and, releasing a Work that holds
+    # tensors during interpreter shutdown, abort the process (ProcessGroupGloo::runLoop ->
+    # decref_pyobject -> std::terminate), with nn.Linear as with bpext. The worker therefore
+    # leaves with os._exit once its result is saved, skipping the interpreter's teardown.
+    code = 1
+    try:
+        _train_and_save(rank, port, wrap, init_state, out_path)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def free_port():

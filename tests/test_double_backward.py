@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import bpext
-from bpext.check import CHECK_PARAMS
 from conftest import DEVICES
+from conftest import NON_DEFAULT_PARAMS as CHECK_PARAMS
 
 
 def away_from_kinks(*shape, device, seed=0):
@@ -41,14 +41,14 @@ def test_dense_gradgradcheck(device, name, shape, bias):
     assert torch.autograd.gradgradcheck(fn, inputs)
 
 
-@pytest.mark.parametrize("fuse_mlp", [False, True], ids=["dense", "mlp"])
-def test_gradient_penalty_training_matches_native(fuse_mlp):
+@pytest.mark.parametrize("fuse", [False, True], ids=["dense", "mlp"])
+def test_gradient_penalty_training_matches_native(fuse):
     """Fit f(x) = sin(3x) and f'(x) = 3 cos(3x) (a physics-style loss on the input gradient)."""
     torch.manual_seed(0)
-    second = nn.Tanh() if fuse_mlp else nn.GELU()  # an MLP has one hidden activation
+    second = nn.Tanh() if fuse else nn.GELU()  # an MLP has one hidden activation
     native = nn.Sequential(nn.Linear(1, 32), nn.Tanh(), nn.Linear(32, 32), second, nn.Linear(32, 1)).double()
-    ours = bpext.convert(copy.deepcopy(native), fuse_mlp=fuse_mlp)
-    assert isinstance(ours[0], bpext.nn.MLP if fuse_mlp else bpext.nn.Dense)
+    ours = bpext.convert(copy.deepcopy(native), fuse=fuse)
+    assert bpext.fusions(ours) == ({"": ["mlp(0, 2, 4, tanh, identity)"]} if fuse else {})
     x = torch.linspace(-1, 1, 64, dtype=torch.float64).unsqueeze(1)
     losses = {}
     for key, model in (("native", native), ("bpext", ours)):
@@ -100,3 +100,51 @@ def test_mlp_double_backward_only_where_asked():
         if a is not None:
             torch.testing.assert_close(a, b)
     assert ours.layers[1].bias.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gated", "gated_mlp"])
+@pytest.mark.parametrize("name", ["silu", "gelu", "tanh"])
+def test_gated_gradgradcheck(device, kind, name):
+    x = away_from_kinks(3, 4, device=device)
+    wg, wu = away_from_kinks(5, 4, device=device, seed=1), away_from_kinks(5, 4, device=device, seed=2)
+    bg, bu = away_from_kinks(5, device=device, seed=3), away_from_kinks(5, device=device, seed=4)
+    if kind == "gated":
+        fn = lambda x, wg, wu, bg, bu: bpext.functional.gated(x, wg, wu, bg, bu, name)  # noqa: E731
+        inputs = (x, wg, wu, bg, bu)
+    else:
+        wd, bd = away_from_kinks(2, 5, device=device, seed=5), away_from_kinks(2, device=device, seed=6)
+        fn = lambda x, wg, wu, wd, bg, bu, bd: bpext.functional.gated_mlp(x, wg, wu, wd, bg, bu, bd, name)  # noqa
+        inputs = (x, wg, wu, wd, bg, bu, bd)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("layer", ["activation", "dense", "mlp", "gated_mlp"])
+@pytest.mark.parametrize("name", ["tanh", "gelu", "relu"])
+def test_third_derivative_raises_instead_of_a_wrong_number(layer, name):
+    """A third derivative would need the activation's third derivative: a clear error, never a wrong number."""
+    x = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([[0.7], [-0.4]], dtype=torch.float64)
+    fn = {
+        "activation": lambda t: bpext.functional.activation(t, name),
+        "dense": lambda t: bpext.functional.dense(t.unsqueeze(-1), w[:1], activation=name).squeeze(-1),
+        "mlp": lambda t: bpext.functional.mlp(t.unsqueeze(-1), [w[:1], w[:1]], activation=name).squeeze(-1),
+        "gated_mlp": lambda t: bpext.functional.gated_mlp(t.unsqueeze(-1), w[:1], w[1:], w[:1], activation=name
+                                                          ).squeeze(-1),
+    }[layer]
+    (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="up to the second order"):
+        torch.autograd.grad(d2.sum(), x)
+
+
+def test_second_derivative_of_tanh_equals_native():
+    """The case that was silently wrong at third order: first and second orders stay exact."""
+    x = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (lambda t: bpext.functional.activation(t, "tanh"), torch.tanh):
+        (d1,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), x)
+        results.append((d1.detach(), d2))
+    torch.testing.assert_close(results[0], results[1])

@@ -1,4 +1,5 @@
-"""The registered ops: opcheck on every op, CUDA kernels present in CUDA builds, torch.compile."""
+"""The registered ops: opcheck on every op (samples with and without requires_grad), CUDA kernels
+present in CUDA builds, torch.compile."""
 
 from __future__ import annotations
 
@@ -12,36 +13,60 @@ from bpext import _ops
 from conftest import DEVICES
 
 OPS = torch.ops.bpext
+ACTS = [("relu", []), ("gelu", []), ("softplus", [2.0, 5.0]), ("identity", []), ("tanh", [])]
 
 
-def op_samples(device):
-    """(op, args) covering every op, with and without bias, 2-D and 3-D, saves-y and saves-z activations."""
+def op_samples(device, requires_grad):
+    """(op, args) covering every op: with and without bias, 2-D and 3-D, each save policy."""
     g = torch.Generator().manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device)  # noqa: E731
-    x2, x3, w, b = rnd(6, 5), rnd(2, 3, 5), rnd(4, 5), rnd(4)
+
+    def rnd(*s, grad=requires_grad):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_(grad)
+
     samples = []
-    for act, p0, p1 in (("relu", 0.0, 0.0), ("gelu", 0.0, 0.0), ("softplus", 2.0, 5.0), ("identity", 0.0, 0.0)):
-        z = rnd(3, 7)
-        samples.append((OPS.activation_forward.default, (z, act, p0, p1)))
-        samples.append((OPS.activation_backward.default, (rnd(3, 7), z, act, p0, p1)))
-        samples.append((OPS.activation_double_backward.default, (rnd(3, 7), rnd(3, 7), z, act, p0, p1)))
-        for x in (x2, x3):
-            saves_y = bpext.activations.REGISTRY[act].saves_output
+    for act, params in ACTS:
+        saves = bpext.activations.REGISTRY[act].saves
+        # activation_double_backward's derivative in `saved` is a third derivative, which raises by design.
+        samples += [(OPS.activation_forward.default, (rnd(3, 7), act, params)),
+                    (OPS.activation_backward.default, (rnd(3, 7), rnd(3, 7), act, params)),
+                    (OPS.activation_double_backward.default, (rnd(3, 7), rnd(3, 7), rnd(3, 7, grad=False), act,
+                                                              params))]
+        for shape in ((6, 5), (2, 3, 5)):
+            x, w, b, gy = rnd(*shape), rnd(4, 5), rnd(4), rnd(*shape[:-1], 4)
+            saved = rnd(*shape[:-1], 4) if saves != "nothing" else rnd(0, grad=False)
             for bias in (b, None):
-                samples.append((OPS.dense_forward.default, (x, w, bias, act, p0, p1, not saves_y)))
-            gy = rnd(*x.shape[:-1], 4)
-            saved = rnd(*x.shape[:-1], 4) if act != "identity" else rnd(0)
+                samples.append((OPS.dense_forward.default, (x, w, bias, act, params, saves == "input")))
             for mask in ([True, True, True], [False, True, False], [True, False, False]):
-                samples.append((OPS.dense_backward.default, (gy, x, w, saved, act, p0, p1, mask)))
+                samples.append((OPS.dense_backward.default, (gy, x, w, saved, act, params, mask)))
+            wg, wu, wd, bg, bd = rnd(3, 5), rnd(3, 5), rnd(4, 3), rnd(3), rnd(4)
+            gate, up, gh = rnd(*shape[:-1], 3), rnd(*shape[:-1], 3), rnd(*shape[:-1], 3)
+            samples += [
+                (OPS.gated_forward.default, (x, wg, bg, wu, None, act, params, True)),
+                (OPS.gated_backward.default, (gh, x, wg, wu, gate, up, act, params, [True, True, True, True, False])),
+                (OPS.gated_mlp_forward.default, (x, wg, None, wu, bg, wd, bd, act, params, True)),
+                (OPS.gated_mlp_backward.default, (gy, x, wg, wu, wd, gate, up, act, params, [True] * 7)),
+            ]
+        x, ws, bs = rnd(3, 4), [rnd(5, 4), rnd(2, 5)], [rnd(5), rnd(0, grad=False)]
+        for save in (True, False) if not requires_grad else (True,):  # save=False: forward only, by contract
+            samples.append((OPS.mlp_forward.default, (x, ws, bs, act, params, "sigmoid", [], save)))
+        with torch.no_grad():
+            y, saved = OPS.mlp_forward(x, ws, bs, act, params, "sigmoid", [], True)
+        samples.append((OPS.mlp_backward.default, (rnd(3, 2), x, y, ws, bs, saved, act, params, "sigmoid", [], True)))
     return samples
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_every_op(device):
-    samples = op_samples(device)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "requires-grad"])
+def test_opcheck_every_op(device, requires_grad):
+    samples = op_samples(device, requires_grad)
     assert {op._name for op, _ in samples} == {f"bpext::{name}" for name in bpext.OPS}
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("op", [op for op in bpext.OPS if not op.endswith("backward")])
+def test_every_forward_op_has_autograd(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bpext::{op}", "Autograd")
 
 
 def test_cuda_kernels_built_with_cuda_torch():
@@ -67,18 +92,20 @@ class SmallNet(torch.nn.Module):
         super().__init__()
         self.l1 = bpext.nn.Dense(12, 16, activation="gelu", device=device)
         self.act = bpext.nn.Tanh()
-        self.l2 = bpext.nn.Dense(16, 3, bias=False, device=device)
+        self.mlp = bpext.nn.MLP(16, [8], 8, activation="silu", device=device)
+        self.gated = bpext.nn.GatedMLP(8, 12, 3, bias=False, device=device)
 
     def forward(self, x):
-        return self.l2(self.act(self.l1(x)))
+        return self.gated(self.mlp(self.act(self.l1(x))))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_matches_eager(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager(device, backend):
     torch.manual_seed(0)
     model = SmallNet(device)
     x = torch.randn(2, 5, 12, device=device)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     y_eager = model(x)
     grads_eager = torch.autograd.grad(y_eager.square().sum(), list(model.parameters()))
     y_comp = compiled(x)
@@ -88,26 +115,26 @@ def test_compile_fullgraph_matches_eager(device):
         torch.testing.assert_close(a, b)
 
 
-def test_cublaslt_epilogue_switch_round_trips():
-    previous = _ops.set_cublaslt_epilogue(False)
+def test_gemm_epilogue_switch_round_trips():
+    previous = _ops.set_gemm_epilogue(False)
     try:
-        assert _ops.set_cublaslt_epilogue(True) is False
+        assert _ops.set_gemm_epilogue(True) is False
     finally:
-        _ops.set_cublaslt_epilogue(previous)
+        _ops.set_gemm_epilogue(previous)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["identity", "relu", "gelu"])
 def test_both_forward_paths_agree(device, name):
-    """The cuBLASLt-epilogue path and bpext's own epilogue compute the same layer."""
+    """The GEMM-epilogue path (cuBLASLt on CUDA) and bpext's own activation pass compute the same layer."""
     x = torch.randn(33, 64, device=device)
     w = torch.randn(48, 64, device=device)
     b = torch.randn(48, device=device)
     outs = []
     for enabled in (True, False):
-        previous = _ops.set_cublaslt_epilogue(enabled)
+        previous = _ops.set_gemm_epilogue(enabled)
         try:
             outs.append(bpext.functional.dense(x, w, b, activation=name))
         finally:
-            _ops.set_cublaslt_epilogue(previous)
+            _ops.set_gemm_epilogue(previous)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)

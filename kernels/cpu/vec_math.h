@@ -26,8 +26,18 @@ struct VecMath {
   static V exp(const V& x) { return x.exp(); }
   static V expm1(const V& x) { return x.expm1(); }
   static V log1p(const V& x) { return x.log1p(); }
-  static V tanh(const V& x) { return x.tanh(); }
-  static V erf(const V& x) { return x.erf(); }
+  // tanh correctly rounded where |tanh| nears 1 (Sleef's u10 rounds tanh(8.7) up to 1, and
+  // tanh's derivative 1 - y^2 from that y is 0 instead of 1.2e-7): 1 - 2/(e^2|x| + 1) there,
+  // e/(e + 2) with e = expm1(2|x|) near 0, where the other form cancels.
+  static V tanh(const V& x) {
+    const V a = x.abs();
+    const V e = (a + a).expm1();
+    const V r = V::blendv(V(T(1)) - V(T(2)) / (e + V(T(2))), e / (e + V(T(2))), a < V(T(0.5)));
+    return V::blendv(r, V(T(0)) - r, x < V(T(0)));  // the sign of x; NaN stays NaN
+  }
+  static V erfc(const V& x) { return x.erfc(); }
+  static V abs(const V& x) { return x.abs(); }
+  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }  // NaN propagates
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static Mask lt(const V& a, const V& b) { return a < b; }

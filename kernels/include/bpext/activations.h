@@ -13,7 +13,9 @@
 // M is a math policy: ScalarMath<T> below (one element, host and device) or the
 // CPU's VecMath<T> (one SIMD vector, kernels/cpu/vec_math.h). A formula only uses
 // M's functions, arithmetic operators and M::c(constant), so the same text runs as
-// a CUDA thread, a scalar host loop, or an AVX2/AVX-512 loop.
+// a CUDA thread, a scalar host loop, or an AVX2/AVX-512 loop. The compiler may not fuse
+// a*b + c on its own (-ffp-contract=off, for results that do not depend on the code path);
+// where a sum cancels, a formula asks for M::fma explicitly.
 //
 // Adding an activation: one line in BPEXT_ACTIVATIONS, one functor, one line in the
 // Python table (bpext/activations.py).
@@ -124,7 +126,9 @@ struct ScalarMath {
   BPEXT_HD static V expm1(V x) { return std::expm1(x); }
   BPEXT_HD static V log1p(V x) { return std::log1p(x); }
   BPEXT_HD static V tanh(V x) { return std::tanh(x); }
-  BPEXT_HD static V erf(V x) { return std::erf(x); }
+  BPEXT_HD static V erfc(V x) { return std::erfc(x); }
+  BPEXT_HD static V abs(V x) { return std::fabs(x); }
+  BPEXT_HD static V fma(V a, V b, V c) { return std::fma(a, b, c); }  // a * b + c, rounded once
   // std::min / std::max: NaN in `a` propagates.
   BPEXT_HD static V min(V a, V b) { return b < a ? b : a; }
   BPEXT_HD static V max(V a, V b) { return a < b ? b : a; }
@@ -138,6 +142,25 @@ struct ScalarMath {
 
 template <Activation A, class M>
 struct Act;
+
+// sigmoid(z) and 1 - sigmoid(z), from e = exp(-|z|) <= 1: the smaller of the two is e / (1 + e),
+// accurate relative to itself down to subnormal values (1 / (1 + exp(-z)) overflows to 1/inf = 0
+// there), and the larger is 1 minus it, accurate relative to 1. Neither is a difference that
+// cancels, so s (1 - s) and 1 + k z (1 - s) keep their digits too.
+template <class M>
+struct Logistic {
+  using V = typename M::V;
+  V s, sc;
+  BPEXT_HD explicit Logistic(V z) {
+    V e = M::exp(M::c(0) - M::abs(z));
+    V small = e / (M::c(1) + e);
+    V large = M::c(1) - small;
+    auto negative = M::lt(z, M::c(0));
+    s = M::select(negative, small, large);
+    sc = M::select(negative, large, small);
+  }
+  BPEXT_HD V q() const { return s * sc; }  // s (1 - s), the derivative
+};
 
 template <class M>
 struct Act<Activation::kIdentity, M> {
@@ -172,10 +195,11 @@ struct Act<Activation::kElu, M> {
     return M::select(M::le(z, M::c(0)), p.p0 * M::expm1(z), z);
   }
   // alpha * e^z from z itself: recovering it from y as y + alpha cancels (ATen saves z too).
+  // Tested as z > 0, so that a NaN z gives NaN, as ATen's vectorized kernel does.
   BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
-    return M::select(M::le(z, M::c(0)), g * (p.p0 * M::exp(z)), g);
+    return M::select(M::gt(z, M::c(0)), g, g * (p.p0 * M::exp(z)));
   }
-  BPEXT_HD static V second(V z, const Params<V>& p) { return M::select(M::le(z, M::c(0)), p.p0 * M::exp(z), M::c(0)); }
+  BPEXT_HD static V second(V z, const Params<V>& p) { return M::select(M::gt(z, M::c(0)), M::c(0), p.p0 * M::exp(z)); }
 };
 
 template <class M>
@@ -183,11 +207,13 @@ struct Act<Activation::kGelu, M> {
   using V = typename M::V;
   static constexpr double kSqrtHalf = 0.70710678118654752440;
   static constexpr double kInvSqrt2Pi = 0.39894228040143267794;
-  BPEXT_HD static V cdf(V z) { return M::c(0.5) * (M::c(1) + M::erf(z * M::c(kSqrtHalf))); }
+  // Phi(z) = erfc(-z/sqrt2)/2: no cancellation in the negative tail, where 1 + erf(z/sqrt2) loses
+  // every digit that the tail's small values have.
+  BPEXT_HD static V cdf(V z) { return M::c(0.5) * M::erfc(M::c(-kSqrtHalf) * z); }
   BPEXT_HD static V pdf(V z) { return M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi); }
   BPEXT_HD static V forward(V z, const Params<V>&) { return z * cdf(z); }
   // d/dz z*Phi(z) = Phi(z) + z*phi(z)
-  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * (cdf(z) + z * pdf(z)); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * M::fma(z, pdf(z), cdf(z)); }
   // d/dz (Phi + z*phi) = 2*phi - z^2*phi
   BPEXT_HD static V second(V z, const Params<V>&) { return pdf(z) * (M::c(2) - z * z); }
 };
@@ -197,26 +223,31 @@ struct Act<Activation::kGeluTanh, M> {
   using V = typename M::V;
   static constexpr double kBeta = 0.79788456080286535588;  // sqrt(2/pi)
   static constexpr double kKappa = 0.044715;
-  BPEXT_HD static V inner(V z) { return M::c(kBeta) * (z + M::c(kKappa) * z * z * z); }
-  BPEXT_HD static V forward(V z, const Params<V>&) { return M::c(0.5) * z * (M::c(1) + M::tanh(inner(z))); }
+  // z/2 (1 + tanh(u)) = z sigmoid(2u), u = beta (z + kappa z^3): written with the sigmoid,
+  // 1 + tanh(u) and 1 - tanh(u)^2 do not cancel in the tails.
+  BPEXT_HD static Logistic<M> of_2u(V z) { return Logistic<M>(M::c(2 * kBeta) * (z + M::c(kKappa) * z * z * z)); }
+  BPEXT_HD static V du(V z) { return M::c(kBeta) * (M::c(1) + M::c(3 * kKappa) * z * z); }  // u'
+  BPEXT_HD static V forward(V z, const Params<V>&) { return z * of_2u(z).s; }
+  // s + 2 z s (1 - s) u'; where s (1 - s) underflows, just s (2 z u' may be inf there).
   BPEXT_HD static V backward(V g, V z, const Params<V>&) {
-    V t = M::tanh(inner(z));
-    V dinner = M::c(kBeta) * (M::c(1) + M::c(3 * kKappa) * z * z);
-    return g * (M::c(0.5) * (M::c(1) + t) + M::c(0.5) * z * (M::c(1) - t * t) * dinner);
+    const Logistic<M> l = of_2u(z);
+    V q = l.q();
+    return g * M::select(M::gt(q, M::c(0)), M::fma(M::c(2) * z * du(z), q, l.s), l.s);
   }
-  // d/dz of the factor above: (1 - t^2) * (u + z/2 * (u' - 2 t u^2)), u = inner'(z)
+  // 2 q (2 u' + 2 z (1 - 2 s) u'^2 + z u''), q = s (1 - s), u'' = 6 beta kappa z
   BPEXT_HD static V second(V z, const Params<V>&) {
-    V t = M::tanh(inner(z));
-    V u = M::c(kBeta) * (M::c(1) + M::c(3 * kKappa) * z * z);
-    V du = M::c(6 * kBeta * kKappa) * z;
-    return (M::c(1) - t * t) * (u + M::c(0.5) * z * (du - M::c(2) * t * u * u));
+    const Logistic<M> l = of_2u(z);
+    V q = l.q();
+    V u1 = du(z);
+    V sum = M::c(2) * u1 + M::c(2) * z * (l.sc - l.s) * u1 * u1 + M::c(6 * kBeta * kKappa) * z * z;
+    return M::select(M::gt(q, M::c(0)), M::c(2) * q * sum, M::c(0));
   }
 };
 
 template <class M>
 struct Act<Activation::kSigmoid, M> {
   using V = typename M::V;
-  BPEXT_HD static V forward(V z, const Params<V>&) { return M::c(1) / (M::c(1) + M::exp(M::c(0) - z)); }
+  BPEXT_HD static V forward(V z, const Params<V>&) { return Logistic<M>(z).s; }
   BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * y * (M::c(1) - y); }
   BPEXT_HD static V second(V y, const Params<V>&) { return M::c(1) - M::c(2) * y; }
 };
@@ -225,17 +256,16 @@ struct Act<Activation::kSigmoid, M> {
 template <class M>
 struct SwishOf {
   using V = typename M::V;
-  using Sigmoid = Act<Activation::kSigmoid, M>;
-  BPEXT_HD static V forward(V z, V k) { return z * Sigmoid::forward(k * z, {}); }
+  BPEXT_HD static V forward(V z, V k) { return z * Logistic<M>(k * z).s; }
   // d/dz z*s(kz) = s * (1 + kz*(1 - s))
   BPEXT_HD static V derivative(V z, V k) {
-    V s = Sigmoid::forward(k * z, {});
-    return s * (M::c(1) + k * z * (M::c(1) - s));
+    const Logistic<M> l(k * z);
+    return l.s * M::fma(k * z, l.sc, M::c(1));
   }
   // k s (1 - s) (2 + kz (1 - 2s))
   BPEXT_HD static V second(V z, V k) {
-    V s = Sigmoid::forward(k * z, {});
-    return k * s * (M::c(1) - s) * (M::c(2) + k * z * (M::c(1) - M::c(2) * s));
+    const Logistic<M> l(k * z);
+    return k * l.q() * M::fma(k * z, l.sc - l.s, M::c(2));
   }
 };
 
@@ -263,49 +293,57 @@ template <class M>
 struct Act<Activation::kTanh, M> {
   using V = typename M::V;
   BPEXT_HD static V forward(V z, const Params<V>&) { return M::tanh(z); }
-  BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * (M::c(1) - y * y); }
+  BPEXT_HD static V backward(V g, V y, const Params<V>&) { return g * M::fma(M::c(0) - y, y, M::c(1)); }
   BPEXT_HD static V second(V y, const Params<V>&) { return M::c(-2) * y; }
 };
 
+// z tanh(softplus(z)). With w = e^z and n = w (w + 2): tanh(softplus(z)) = n / (n + 2) and
+// 1 - tanh^2 = 4 (n + 1) / (n + 2)^2, neither of which cancels (1 - t*t does as t nears 1).
+// Past z = 40, t is 1 and 1 - t^2 negligible in float64 too: w stops there (before n overflows
+// float32), and 1 - t^2 is 0.
 template <class M>
 struct Act<Activation::kMish, M> {
   using V = typename M::V;
-  using Sigmoid = Act<Activation::kSigmoid, M>;
-  BPEXT_HD static V tanh_softplus(V z) { return M::tanh(M::log1p(M::exp(z))); }
-  BPEXT_HD static V forward(V z, const Params<V>&) { return z * tanh_softplus(z); }
-  // d/dz z*t(z), t = tanh(softplus(z)): t + z * sigmoid(z) * (1 - t^2)
-  BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
-    V t = tanh_softplus(z);
-    return g * (t + z * Sigmoid::forward(z, p) * (M::c(1) - t * t));
+  struct Parts {
+    V t, one_minus_t2;
+  };
+  BPEXT_HD static Parts parts(V z) {
+    V w = M::exp(M::min(z, M::c(40)));
+    V n = w * (w + M::c(2));
+    V d = n + M::c(2);
+    return {n / d, M::select(M::gt(z, M::c(40)), M::c(0), M::c(4) * (n + M::c(1)) / d / d)};
+  }
+  BPEXT_HD static V forward(V z, const Params<V>&) { return z * parts(z).t; }
+  // d/dz z*t(z): t + z * sigmoid(z) * (1 - t^2)
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) {
+    const Parts p = parts(z);
+    return g * M::fma(z * Logistic<M>(z).s, p.one_minus_t2, p.t);
   }
   // (1 - t^2) * sigmoid * (2 + z * (1 - sigmoid - 2 t sigmoid))
-  BPEXT_HD static V second(V z, const Params<V>& p) {
-    V t = tanh_softplus(z);
-    V s = Sigmoid::forward(z, p);
-    return (M::c(1) - t * t) * s * (M::c(2) + z * (M::c(1) - s - M::c(2) * t * s));
+  BPEXT_HD static V second(V z, const Params<V>&) {
+    const Parts p = parts(z);
+    const Logistic<M> l(z);
+    return p.one_minus_t2 * l.s * M::fma(z, l.sc - M::c(2) * p.t * l.s, M::c(2));
   }
 };
 
 template <class M>
 struct Act<Activation::kSoftplus, M> {
   using V = typename M::V;
-  using Sigmoid = Act<Activation::kSigmoid, M>;
   // Linear above the threshold, exactly where torch.nn.functional.softplus is.
   BPEXT_HD static V forward(V z, const Params<V>& p) {
     V zb = z * p.p0;
     return M::select(M::gt(zb, p.p1), z, M::log1p(M::exp(zb)) / p.p0);
   }
-  // The derivative sigmoid(beta*z) is written as 1/(1+e^-bz), not e^bz/(e^bz+1):
-  // the latter is inf/inf = NaN for large bz when the threshold is raised.
+  // The derivative sigmoid(beta*z): never inf/inf (NaN) for large bz when the threshold is raised.
   BPEXT_HD static V backward(V g, V z, const Params<V>& p) {
     V zb = z * p.p0;
-    return M::select(M::gt(zb, p.p1), g, g * Sigmoid::forward(zb, p));
+    return M::select(M::gt(zb, p.p1), g, g * Logistic<M>(zb).s);
   }
   // d/dz sigmoid(beta z) = beta s (1 - s) below the threshold, 0 above it
   BPEXT_HD static V second(V z, const Params<V>& p) {
     V zb = z * p.p0;
-    V s = Sigmoid::forward(zb, p);
-    return M::select(M::gt(zb, p.p1), M::c(0), p.p0 * s * (M::c(1) - s));
+    return M::select(M::gt(zb, p.p1), M::c(0), p.p0 * Logistic<M>(zb).q());
   }
 };
 

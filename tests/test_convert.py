@@ -1,0 +1,310 @@
+"""bpext.convert on real models (transformers and timm, small random-init configs) and on the
+patterns it rewrites: what it fuses, and that the model still is the model (outputs, gradients,
+training, state dicts both ways, save/load, hooks, train/eval)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import bpext
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+
+def bert():
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=100, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(config)
+
+
+def llama():
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=100,
+                                      max_position_embeddings=32)
+    return transformers.LlamaModel(config)
+
+
+def gpt2():
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config)
+
+
+def vit():
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                    image_size=32, patch_size=8, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+    return transformers.ViTModel(config)
+
+
+TOKENS = lambda: {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))}  # noqa: E731
+PIXELS = lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # noqa: E731
+
+# name: (model factory, inputs, the fused blocks expected per module path)
+MODELS = {
+    "bert": (bert, TOKENS, {"encoder.layer.0.intermediate": ["dense(dense, gelu)"],
+                            "encoder.layer.1.intermediate": ["dense(dense, gelu)"],
+                            "pooler": ["dense(dense, tanh)"]}),
+    "llama": (llama, TOKENS, {f"layers.{i}.mlp": ["gated_mlp(gate_proj, up_proj, silu, down_proj)"]
+                              for i in range(2)}),
+    "gpt2": (gpt2, TOKENS, {f"h.{i}.mlp": ["mlp(c_fc, c_proj, gelu_tanh, identity)"] for i in range(2)}),
+    "vit": (vit, lambda: {"pixel_values": PIXELS()}, None),  # checked by count below
+    "timm_vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, pretrained=False),
+                      lambda: {"x": PIXELS()}, {f"blocks.{i}.mlp": ["mlp(fc1, fc2, gelu, identity)"] for i in range(12)}),
+    "timm_mlp": (lambda: timm.layers.Mlp(16, 48, act_layer=nn.SiLU), lambda: {"x": torch.randn(2, 5, 16)},
+                 {"": ["mlp(fc1, fc2, silu, identity)"]}),
+    "timm_swiglu": (lambda: timm.layers.SwiGLU(16, 48), lambda: {"x": torch.randn(2, 5, 16)},
+                    {"": ["gated_mlp(fc1_g, fc1_x, silu, fc2)"]}),
+    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", pretrained=False, conv_mlp=False),
+                           lambda: {"x": PIXELS()}, None),
+}
+# Fused MLP blocks when no exact mapping is listed above.
+COUNTS = {"vit": 2, "timm_convnext_atto": 12}
+
+
+def output_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def converted(name):
+    make, inputs, expected = MODELS[name]
+    torch.manual_seed(0)
+    native = make()
+    ours = bpext.convert(copy.deepcopy(native))
+    return native, ours, inputs, expected
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fuses_the_mlp_blocks(name):
+    native, ours, _, expected = converted(name)
+    found = bpext.fusions(ours)
+    if expected is not None:
+        assert found == expected
+    else:
+        assert sum(len(v) for k, v in found.items() if "pooler" not in k) == COUNTS[name]
+    assert ours.state_dict().keys() == native.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_outputs_gradients_and_training_equal_native(name):
+    native, ours, inputs, _ = converted(name)
+    batch = inputs()
+    for model in (native, ours):
+        model.train()
+    torch.testing.assert_close(output_of(ours(**batch)), output_of(native(**batch)), rtol=1e-5, atol=1e-5)
+    # Adam scales each update to about lr: an eps above float32's rounding noise keeps gradients
+    # that are 0 up to rounding (directions LayerNorm projects out) from being scaled up to it.
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, eps=1e-4) for m in (native, ours)]
+    for step in range(5):
+        losses = []
+        for model, opt in zip((native, ours), optimizers):
+            opt.zero_grad()
+            loss = output_of(model(**batch)).square().mean()
+            loss.backward()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+        if step == 0:
+            for (key, p), q in zip(native.named_parameters(), ours.parameters()):
+                assert (p.grad is None) == (q.grad is None), key
+                if p.grad is not None:
+                    torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=key)
+        for opt in optimizers:
+            opt.step()
+    for (key, p), q in zip(native.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_loads_strictly_both_ways(name):
+    native, ours, inputs, _ = converted(name)
+    torch.manual_seed(1)
+    other = MODELS[name][0]()
+    ours.load_state_dict(other.state_dict(), strict=True)
+    native.load_state_dict(ours.state_dict(), strict=True)
+    batch = inputs()
+    for m in (native, ours, other):
+        m.eval()
+    torch.testing.assert_close(output_of(ours(**batch)), output_of(other(**batch)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(output_of(native(**batch)), output_of(other(**batch)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2", "vit"])
+def test_save_pretrained_then_native_from_pretrained(name, tmp_path):
+    native, ours, inputs, _ = converted(name)
+    ours.eval()
+    ours.save_pretrained(tmp_path)
+    loaded, info = type(native).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    batch = inputs()
+    torch.testing.assert_close(output_of(loaded.eval()(**batch)), output_of(ours(**batch)), rtol=1e-5, atol=1e-5)
+    back = bpext.convert(type(native).from_pretrained(tmp_path)).eval()
+    assert bpext.fusions(back) == bpext.fusions(ours)
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(f"{func.namespace}::{func.__name__.split('.')[0]}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,block,width,ops", [
+    ("llama", "layers.0.mlp", 32, ["bpext::gated_mlp_forward"]),
+    ("gpt2", "h.0.mlp", 32, ["bpext::mlp_forward"]),
+    ("timm_swiglu", "", 16, ["bpext::gated_mlp_forward"]),
+    ("bert", "encoder.layer.0.intermediate", 32, ["bpext::dense_forward"]),
+    ("bert", "encoder.layer.0.output.dense", 64, ["bpext::dense_forward"]),
+])
+def test_mlp_blocks_run_as_bpext_ops_only(name, block, width, ops):
+    """An MLP block is at most two bpext ops forward (BERT's: one in each of its two modules), with no
+    native activation left."""
+    _, ours, _, _ = converted(name)
+    module = ours.get_submodule(block).eval()
+    x = torch.randn(3, width)
+    with torch.no_grad(), Ops() as seen:
+        module(x)
+    assert [n for n in seen.names if n.startswith("bpext::") or n.split("::")[1] in
+            ("gelu", "silu", "tanh", "relu", "sigmoid", "mul", "addmm", "mm", "linear")] == ops
+
+
+def test_convnext_with_1x1_convolutions_is_left_as_it_is():
+    """convnext_atto's MLPs are 1x1 convolutions over NCHW: no Linear, nothing fused, output unchanged."""
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    native = copy.deepcopy(model)
+    bpext.convert(model)
+    assert bpext.fusions(model) == {}
+    x = PIXELS()
+    torch.testing.assert_close(model(x), native(x))
+
+
+class Block(nn.Module):
+    """An MLP written as attributes, with a dropout between activation and the second layer."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.fc1, self.act, self.drop, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Dropout(p), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+def test_active_dropout_is_not_fused_away():
+    model = bpext.convert(Block())
+    assert bpext.fusions(model.train()) == {"": ["dense(fc1, gelu)"]}  # dropout stays between the layers
+    assert bpext.fusions(model.eval()) == {"": ["mlp(fc1, fc2, gelu, identity)"]}
+    model.train()
+    x = torch.randn(64, 8)
+    torch.manual_seed(0)
+    y = model(x)
+    native = Block()
+    native.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    torch.testing.assert_close(y, native.train()(x))
+    model.drop.p = 0.0  # changed after convert: the forward that matches this state runs (here: the class's)
+    model.eval()
+    torch.testing.assert_close(model(x), native.eval()(x))
+
+
+def test_hooks_keep_running():
+    """Hooks on a Linear or an activation: the module stays a module call (not fused), and a
+    converted nn.Linear keeps its hooks (it is the same object, now a Dense)."""
+    model = Block(p=0.0)
+    calls = []
+    model.act.register_forward_hook(lambda m, i, o: calls.append("act"))
+    model.fc2.register_forward_pre_hook(lambda m, i: calls.append("fc2"))
+    fc2 = model.fc2
+    with pytest.warns(UserWarning, match="have hooks, so they were not fused"):
+        bpext.convert(model)
+    assert model.fc2 is fc2 and isinstance(fc2, bpext.nn.Dense)
+    assert bpext.fusions(model) == {}
+    model(torch.randn(2, 8))
+    assert calls == ["act", "fc2"]
+
+
+def test_pickle_deepcopy_and_torch_save_of_a_converted_model():
+    torch.manual_seed(0)
+    model = bpext.convert(nn.Sequential(Block(p=0.0), nn.Tanh(), nn.Linear(8, 2, bias=False),
+                                        nn.GELU(approximate="tanh"), nn.Linear(2, 2))).eval()
+    x = torch.randn(4, 8)
+    expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    for other in copies:
+        torch.testing.assert_close(other(x), expected)
+        assert bpext.fusions(other) == bpext.fusions(model)
+
+
+def test_convert_is_idempotent_and_keeps_parameter_objects():
+    model = nn.Sequential(nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 4))
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bpext.convert(bpext.convert(model))
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert bpext.fusions(model) == {"": ["mlp(0, 2, silu, identity)"]}
+    before = params[0].detach().clone()
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, params[0])
+
+
+def test_functional_activations_and_methods_are_recognised():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = torch.nn.functional.leaky_relu(self.a(x), 0.2)
+            h = self.b(h).sigmoid()
+            return torch.nn.functional.gelu(self.c(h), approximate="tanh")
+
+    model = Functional()
+    native = copy.deepcopy(model)
+    bpext.convert(model)
+    assert bpext.fusions(model) == {"": ["mlp(a, b, leaky_relu(negative_slope=0.2), sigmoid)",
+                                         "dense(c, gelu_tanh)"]}
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(model(x), native(x))
+
+
+def test_compiled_converted_model_matches():
+    torch.manual_seed(0)
+    model = bpext.convert(Block(p=0.0)).eval()
+    x = torch.randn(5, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_untraceable_modules_fall_back_to_module_swaps():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc(x)) if x.sum() > 0 else self.fc(x)
+
+    model = DataDependent()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bpext.convert(model)
+    assert bpext.fusions(model) == {} and isinstance(model.fc, bpext.nn.Dense) and isinstance(model.act, bpext.nn.ReLU)
+    x = torch.ones(2, 4)
+    torch.testing.assert_close(model(x), torch.relu(torch.nn.functional.linear(x, model.fc.weight, model.fc.bias)))
