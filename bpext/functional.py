@@ -198,9 +198,11 @@ def _linear_grads(dz, x, weight, needs):
 
 
 def _linear_tangent(x, weight, x_t, weight_t, bias_t):
-    """The tangent of x @ weight.T + bias; None when no input has one."""
-    return _sum([None if x_t is None else F.linear(x_t, weight),
-                 None if weight_t is None else F.linear(x, weight_t), bias_t])
+    """The tangent of x @ weight.T + bias (broadcast to the output's shape); None when no input has one."""
+    products = _sum([None if x_t is None else F.linear(x_t, weight), None if weight_t is None else F.linear(x, weight_t)])
+    if bias_t is None:
+        return products
+    return bias_t.expand(*x.shape[:-1], weight.shape[0]) if products is None else products + bias_t
 
 
 class DenseFunction(Function):
@@ -353,7 +355,9 @@ def _mlp_backward(ctx, grad_y):
     """-> grad_x and the gradients of the weights then the biases (None where not needed)."""
     x, y, weights, biases, saved = _mlp_saved(ctx)
     (hidden, output), needs = ctx.acts, ctx.needs
-    if torch.is_grad_enabled():  # create_graph=True
+    # Composed of differentiable pieces under create_graph=True, and under the legacy vmap of
+    # gradcheck's batched-gradient check, which has no fallback for ops returning lists.
+    if torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_y):
         _check_unchanged(ctx)
         acts = [hidden] * (len(weights) - 1) + [output]
         grads = _stack_grads(grad_y, x, weights, biases, acts, needs)
@@ -540,17 +544,26 @@ def _mlp_op_setup_context(ctx, inputs, output):
     y, saved = output
     tensors = [*weights, *_layer_biases(biases)]
     needs = ctx.needs_input_grad  # lists arrive flattened: x, the weights, the biases, ...
-    ctx.n_params = (len(params), len(output_params))
+    ctx.op_args, ctx.op_inputs = inputs, [x, *weights, *biases]
     _mlp_setup(ctx, x, tensors, resolve_by_values(activation, tuple(params)),
                resolve_by_values(output_activation, tuple(output_params)), y, saved, needs[0],
                needs[1:1 + len(tensors)])
 
 
+def _per_argument(inputs: tuple, grad_of) -> tuple:
+    """A backward's result in the structure torch.library expects of an op with lists of tensors: a
+    list of gradients for a list of tensors (an empty list included), None for anything else."""
+    tensor_lists = any(isinstance(a, list) and a and all(isinstance(t, torch.Tensor) for t in a) for a in inputs)
+    return tuple([grad_of(t) for t in a] if tensor_lists and isinstance(a, list) and all(
+        isinstance(t, torch.Tensor) for t in a) else grad_of(a) if isinstance(a, torch.Tensor) else None
+        for a in inputs)
+
+
 def _mlp_op_backward(ctx, grad_y, _):
     grad_x, grads = _mlp_backward(ctx, grad_y)
     n = len(grads) // 2
-    no_params = [[None] * k for k in ctx.n_params]  # the structure of the inputs, lists of floats included
-    return grad_x, grads[:n], grads[n:], None, no_params[0], None, no_params[1], None
+    by_position = dict(zip(map(id, ctx.op_inputs), [grad_x, *grads]))
+    return _per_argument(ctx.op_args, lambda t: by_position.get(id(t)))
 
 
 # The backward ops are reached by autograd only when differentiated directly (opcheck; the backward
@@ -622,11 +635,7 @@ def _register_backward_op(op_name: str, definition) -> None:
             wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
             found = dict(zip(map(id, wanted), torch.autograd.grad(
                 [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs else []))
-        # One gradient per argument (None for non-tensors); an op with lists of tensors wants every
-        # list answered by a list.
-        lists = any(isinstance(arg, list) and any(isinstance(t, torch.Tensor) for t in arg) for arg in inputs)
-        return tuple([found.get(id(t)) for t in arg] if lists and isinstance(arg, list) else found.get(id(arg))
-                     for arg in inputs)
+        return _per_argument(inputs, lambda t: found.get(id(t)))
 
     torch.library.register_autograd(f"bpext::{op_name}", backward, setup_context=setup_context)
 
