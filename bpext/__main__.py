@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+SUITES = ("activation", "dense", "mlp", "transformer")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     bench.add_argument("--quick", action="store_true", help="small sizes, few cases (under a minute on a CPU)")
     bench.add_argument("--out", default="out/bench", help="folder for results.json, results.csv, results.png")
-    bench.add_argument("--suite", choices=["activation", "dense", "mlp"], action="append",
+    bench.add_argument("--suite", choices=SUITES, action="append",
                        help="run only these suites (repeatable; default: all)")
     bench.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from .bench import run
 
-        suites = args.suite or ["activation", "dense", "mlp"]
+        suites = args.suite or list(SUITES)
         return run(args.device, DTYPES[args.dtype], args.quick, args.out, suites, not args.no_compile)
     from .demo import main as demo_main
 

@@ -140,7 +140,46 @@ class Bench:
                 del y, xr
             self._tick(name)
 
-    # -- dense layers ------------------------------------------------------------------
+    # -- layers and models: native, torch.compile, bpext (converted), both compiled, the GEMM floor --
+
+    def _model_case(self, suite: str, case: str, native: nn.Module, x: torch.Tensor, gemms: list[tuple],
+                    input_grad: bool, extra: dict | None = None) -> None:
+        """Times forward+backward of ``native`` and of bpext.convert of it (and of both compiled),
+        next to the floor: ``gemms`` ((rows, in, out) per layer product) through ATen alone."""
+        x = x.detach().requires_grad_(input_grad)
+        ours = bpext.convert(copy.deepcopy(native))
+        variants = {"bpext": ours, **(extra or {}), "native": native}
+        if self.compile_native:
+            variants["compiled"] = _compile(native)
+            variants["bpext-compiled"] = _compile(ours)
+        flop = sum(2 * rows * fin * fout for rows, fin, fout in gemms) * 3
+        for variant, model in variants.items():
+            params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else \
+                list(native.parameters())
+            inputs = [x, *params] if input_grad else params
+            step = lambda m=model, i=inputs: torch.autograd.grad(m(x).sum(), i)  # noqa: E731
+            ms = self.t(step)
+            self.rows.append(Row(suite, case, variant, "fwd+bwd", ms, tflops=flop / ms / 1e9,
+                                 saved_bytes=saved_bytes(lambda m=model: m(x), [x, *params]),
+                                 peak_mb=peak_mb(step, self.device)))
+        ms = self.t(self._gemm_floor(gemms, input_grad))
+        self.rows.append(Row(suite, case, "gemm-floor", "fwd+bwd", ms, tflops=flop / ms / 1e9))
+
+    def _gemm_floor(self, gemms: list[tuple], input_grad: bool):
+        """The matrix products of a stack's forward and backward, alone: per (rows, in, out), the
+        forward product, the weight gradient, and the input gradient (not for the first product's
+        input unless ``input_grad``)."""
+        kw = {"device": self.device, "dtype": self.dtype}
+        mats = [(torch.randn(rows, fin, **kw), torch.randn(fout, fin, **kw), torch.randn(rows, fout, **kw))
+                for rows, fin, fout in gemms]
+
+        def run():
+            for i, (a, w, g) in enumerate(mats):
+                torch.mm(a, w.t())
+                torch.mm(g.t(), a)
+                if i > 0 or input_grad:
+                    torch.mm(g, w)
+        return run
 
     def dense_shapes(self) -> list[tuple[int, int, int]]:
         if self.quick:
@@ -150,88 +189,82 @@ class Bench:
         return [(32, 128, 128), (8192, 512, 512), (2048, 2048, 2048)]
 
     def dense(self) -> None:
+        kw = {"device": self.device, "dtype": self.dtype}
         for batch, fin, fout in self.dense_shapes():
             for name in ("relu", "gelu"):
-                self._dense_case(batch, fin, fout, name)
+                native = nn.Sequential(nn.Linear(fin, fout, **kw), nn.GELU() if name == "gelu" else nn.ReLU())
+                self._model_case("dense", f"{batch}x{fin}x{fout} {name}", native, torch.randn(batch, fin, **kw),
+                                 [(batch, fin, fout)], input_grad=True)
                 self._tick(f"dense {batch}x{fin}x{fout} {name}")
-
-    def _dense_case(self, batch: int, fin: int, fout: int, name: str) -> None:
-        kw = {"device": self.device, "dtype": self.dtype}
-        x = torch.randn(batch, fin, **kw).requires_grad_(True)
-        lin = nn.Linear(fin, fout, **kw)
-        ours = bpext.nn.Dense.from_linear(lin, name)
-        act = resolve(name).reference
-        native = lambda t: act(lin(t))  # noqa: E731
-        g = torch.randn(batch, fout, **kw)
-        flop = 3 * 2 * batch * fin * fout
-        case = f"{batch}x{fin}x{fout} {name}"
-        params = list(lin.parameters())
-        variants = {"bpext": ours, "native": native}
-        if self.compile_native:
-            variants["compiled"] = _compile(native)
-        if self.device.startswith("cuda"):
-            variants["bpext-own-epilogue"] = ours  # timed with cuBLASLt's epilogue switched off
-        for variant, fn in variants.items():
-            own = variant == "bpext-own-epilogue"
-            previous = bpext._ops.set_gemm_epilogue(False) if own else None
-            try:
-                step = lambda fn=fn: torch.autograd.grad(fn(x), [x, *params], g)  # noqa: E731
-                ms = self.t(step)
-                self.rows.append(Row("dense", case, variant, "fwd+bwd", ms, tflops=flop / ms / 1e9,
-                                     saved_bytes=saved_bytes(lambda fn=fn: fn(x), [x, *params]),
-                                     peak_mb=peak_mb(step, self.device)))
-            finally:
-                if own:
-                    bpext._ops.set_gemm_epilogue(previous)
-        w = lin.weight.detach()
-        xd = x.detach()
-
-        def gemms():
-            torch.mm(xd, w.t())
-            torch.mm(g, w)
-            torch.mm(g.t(), xd)
-
-        ms = self.t(gemms)
-        self.rows.append(Row("dense", case, "gemm-floor", "fwd+bwd", ms, tflops=flop / ms / 1e9))
-
-    # -- MLPs --------------------------------------------------------------------------
 
     def mlp_shapes(self) -> list[tuple[str, int, list[int], int, int]]:
         cuda = self.device.startswith("cuda")
         shapes = [("narrow", 32, [64] * 4, 16, 2**18 if cuda and not self.quick else 4096)]
         if not self.quick:
-            shapes += [("one-layer", 128, [], 128, 32),
-                       ("wide", 1024, [1024, 1024], 1024, 4096 if cuda else 1024)]
+            shapes += [("wide", 1024, [1024, 1024], 1024, 4096 if cuda else 1024)]
         return shapes
 
     def mlps(self) -> None:
+        kw = {"device": self.device, "dtype": self.dtype}
         for label, fin, hidden, fout, batch in self.mlp_shapes():
             for name in ("relu", "gelu"):
-                self._mlp_case(label, fin, hidden, fout, batch, name)
+                widths = [fin, *hidden, fout]
+                layers: list[nn.Module] = []
+                for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+                    layers.append(nn.Linear(a, b, **kw))
+                    if i < len(widths) - 2:
+                        layers.append(nn.GELU() if name == "gelu" else nn.ReLU())
+                native = nn.Sequential(*layers)
+                extra = {"bpext-dense": bpext.convert(copy.deepcopy(native), fuse=False)}
+                self._model_case("mlp", f"{label} {'-'.join(map(str, widths))} b={batch} {name}", native,
+                                 torch.randn(batch, fin, **kw), [(batch, a, b) for a, b in zip(widths[:-1], widths[1:])],
+                                 input_grad=False, extra=extra)
                 self._tick(f"mlp {label} {name}")
 
-    def _mlp_case(self, label, fin, hidden, fout, batch, name) -> None:
+    def transformer_shapes(self) -> list[tuple[str, int, int, int]]:
+        """(kind, width, hidden, tokens): a BERT FFN and a LLaMA gated MLP, scaled on the CPU."""
+        if self.quick:
+            return [("bert-ffn", 256, 1024, 256), ("llama-mlp", 256, 688, 256)]
+        if self.device.startswith("cuda"):
+            return [("bert-ffn", 768, 3072, 16384), ("llama-mlp", 4096, 11008, 4096)]
+        return [("bert-ffn", 768, 3072, 512), ("llama-mlp", 512, 1376, 2048)]
+
+    def transformers(self) -> None:
         kw = {"device": self.device, "dtype": self.dtype}
-        widths = [fin, *hidden, fout]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.Linear(a, b, **kw))
-            if i < len(widths) - 2 or not hidden:  # a one-layer MLP ends in the activation
-                layers.append(nn.GELU() if name == "gelu" else nn.ReLU())
-        native = nn.Sequential(*layers)
-        x = torch.randn(batch, fin, **kw)
-        case = f"{label} {'-'.join(map(str, widths))} b={batch} {name}"
-        variants = {"bpext": bpext.nn.MLP.from_sequential(copy.deepcopy(native)),
-                    "bpext-dense": bpext.convert(copy.deepcopy(native), fuse=False), "native": native}
-        if self.compile_native:
-            variants["compiled"] = _compile(copy.deepcopy(native))
-        for variant, model in variants.items():
-            params = list(model.parameters())
-            step = lambda m=model, p=params: torch.autograd.grad(m(x).sum(), p)  # noqa: E731
-            ms = self.t(step)
-            self.rows.append(Row("mlp", case, variant, "fwd+bwd", ms,
-                                 saved_bytes=saved_bytes(lambda m=model: m(x), [x, *params]),
-                                 peak_mb=peak_mb(step, self.device)))
+        for kind, width, hidden, tokens in self.transformer_shapes():
+            block = BertFFN(width, hidden, **kw) if kind == "bert-ffn" else LlamaMLP(width, hidden, **kw)
+            products = [(tokens, width, hidden), (tokens, hidden, width)] if kind == "bert-ffn" else \
+                [(tokens, width, hidden), (tokens, width, hidden), (tokens, hidden, width)]
+            self._model_case("transformer", f"{kind} {width}-{hidden}-{width} t={tokens}", block,
+                             torch.randn(tokens, width, **kw), products, input_grad=True)
+            self._tick(f"transformer {kind}")
+
+
+class BertFFN(nn.Module):
+    """BERT's feed-forward block as transformers writes it: an intermediate module (Linear, then
+    an activation module) and an output Linear in another module."""
+
+    def __init__(self, width, hidden, device=None, dtype=None):
+        super().__init__()
+        self.intermediate = nn.Sequential(nn.Linear(width, hidden, device=device, dtype=dtype), nn.GELU())
+        self.output = nn.Linear(hidden, width, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.output(self.intermediate(x))
+
+
+class LlamaMLP(nn.Module):
+    """LLaMA's gated MLP as transformers writes it: down(act(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, width, hidden, device=None, dtype=None):
+        super().__init__()
+        factory = {"bias": False, "device": device, "dtype": dtype}
+        self.gate_proj, self.up_proj = nn.Linear(width, hidden, **factory), nn.Linear(width, hidden, **factory)
+        self.down_proj = nn.Linear(hidden, width, **factory)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 def ratios(rows: list[Row]) -> list[dict]:
@@ -244,9 +277,11 @@ def ratios(rows: list[Row]) -> list[dict]:
         if ours is None:
             continue
         entry = {"suite": suite, "case": case, "phase": phase, "bpext_ms": ours.median_ms}
-        for other in ("native", "compiled", "gemm-floor", "bpext-own-epilogue", "bpext-dense"):
+        for other in ("native", "compiled", "gemm-floor", "bpext-dense"):
             if other in group:
                 entry[f"{other}/bpext"] = group[other].median_ms / ours.median_ms
+        if "compiled" in group and "bpext-compiled" in group:
+            entry["compiled/bpext-compiled"] = group["compiled"].median_ms / group["bpext-compiled"].median_ms
         if ours.saved_bytes is not None and group.get("native") and group["native"].saved_bytes:
             entry["saved bpext/native"] = ours.saved_bytes / group["native"].saved_bytes
         out.append(entry)
@@ -254,8 +289,8 @@ def ratios(rows: list[Row]) -> list[dict]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'suite':<10} {'case':<36} {'phase':<7} {'bpext ms':>9} {'native/':>8} {'compiled/':>9} "
-            f"{'floor/':>7} {'Dense/':>7} {'GB/s':>7} {'TFLOP/s':>8} {'saved':>6}")
+    head = (f"{'suite':<11} {'case':<38} {'phase':<7} {'bpext ms':>9} {'native/':>8} {'compiled/':>9} "
+            f"{'cmp/cmp':>7} {'floor/':>7} {'Dense/':>7} {'GB/s':>7} {'TFLOP/s':>8} {'saved':>6}")
     lines = [head, "-" * len(head)]
     by_key = {(r.suite, r.case, r.phase, r.variant): r for r in rows}
     for e in ratios(rows):
@@ -263,14 +298,18 @@ def format_table(rows: list[Row]) -> str:
             by_key.get((e["suite"], e["case"], e["phase"], "bpext-dense"))
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
         lines.append(
-            f"{e['suite']:<10} {e['case']:<36} {e['phase']:<7} {e['bpext_ms']:>9.3f} "
+            f"{e['suite']:<11} {e['case']:<38} {e['phase']:<7} {e['bpext_ms']:>9.3f} "
             f"{fmt(e.get('native/bpext'), '8.2f'):>8} {fmt(e.get('compiled/bpext'), '9.2f'):>9} "
+            f"{fmt(e.get('compiled/bpext-compiled'), '7.2f'):>7} "
             f"{fmt(e.get('gemm-floor/bpext'), '7.2f'):>7} {fmt(e.get('bpext-dense/bpext'), '7.2f'):>7} "
             f"{fmt(ours.gbps, '7.1f'):>7} "
             f"{fmt(ours.tflops, '8.2f'):>8} {fmt(e.get('saved bpext/native'), '6.2f'):>6}")
     copies = [r for r in rows if r.variant == "copy"]
     if copies:
         lines.append(f"memory copy: {copies[0].gbps:.1f} GB/s ({copies[0].case})")
+    lines.append("native/, compiled/: native eager and torch.compile time over bpext's; cmp/cmp: torch.compile of the "
+                 "native model over torch.compile of the converted one; floor/: the matrix products alone over bpext; "
+                 "Dense/: per-layer Dense over the fused MLP; saved: bytes kept for backward, bpext/native")
     return "\n".join(lines)
 
 
@@ -321,7 +360,8 @@ def run(device: str, dtype: torch.dtype, quick: bool, out_dir: str, suites: list
     os.makedirs(out_dir, exist_ok=True)
     bench = Bench(device, dtype, quick, compile_native)
     total = (len(bench.activation_names()) * ("activation" in suites)
-             + 2 * len(bench.dense_shapes()) * ("dense" in suites) + 2 * len(bench.mlp_shapes()) * ("mlp" in suites))
+             + 2 * len(bench.dense_shapes()) * ("dense" in suites) + 2 * len(bench.mlp_shapes()) * ("mlp" in suites)
+             + len(bench.transformer_shapes()) * ("transformer" in suites))
     with tqdm(total=total, desc=f"bench {device} {str(dtype).removeprefix('torch.')}", unit="case") as bar:
         bench.progress = bar
         if "activation" in suites:
@@ -330,6 +370,8 @@ def run(device: str, dtype: torch.dtype, quick: bool, out_dir: str, suites: list
             bench.dense()
         if "mlp" in suites:
             bench.mlps()
+        if "transformer" in suites:
+            bench.transformers()
     info = machine_info(device)
     info["dtype"] = str(dtype).removeprefix("torch.")
     title = f"bpext vs native on {info.get('gpu', info['cpu'])} ({info['dtype']}, torch {info['torch']})"

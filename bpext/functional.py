@@ -52,7 +52,7 @@ def _derivative(grad: torch.Tensor, saved: torch.Tensor | None, act: Act) -> tor
     if act.saves == "nothing":
         return grad
     if torch.is_grad_enabled():
-        return ActivationBackwardFunction.apply(grad, saved, act)
+        return _apply(ActivationBackwardFunction, grad, saved, act)
     return ops.activation_backward(grad, saved, act.name, act.params)
 
 
@@ -67,6 +67,37 @@ def _save(ctx, for_backward: tuple, everything: tuple) -> None:
         ctx.save_for_backward(*for_backward)
 
 
+def _eager_twin(function: type[Function]) -> type[Function]:
+    """Gives ``function`` an old-style twin (``forward(ctx, ...)``), which plain eager mode applies:
+    torch.func needs the setup_context form, whose apply costs some 17 us more per call. Both run
+    the same forward, setup_context, backward and jvp; the twin calls the ops below autograd (its
+    own autograd is the Function's), sparing each op its registered autograd kernel."""
+
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            output = function.forward(*args)
+        function.setup_context(ctx, args, output)
+        return output
+
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True: a graph of differentiable pieces
+            return function.backward(ctx, *grads)
+        with torch._C._AutoDispatchBelowAutograd():
+            return function.backward(ctx, *grads)
+
+    function.eager = type(function.__name__, (Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+        "jvp": staticmethod(function.jvp), "__module__": function.__module__, "__doc__": function.__doc__})
+    return function
+
+
+def _apply(function: type[Function], *args):
+    """function.apply: its old-style twin in plain eager mode (see _eager_twin)."""
+    if torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return function.eager.apply(*args)
+
+
 def _sum(terms):
     terms = [t for t in terms if t is not None]
     return sum(terms[1:], terms[0]) if terms else None
@@ -75,6 +106,7 @@ def _sum(terms):
 # ---- activations ----------------------------------------------------------------------------
 
 
+@_eager_twin
 class ActivationFunction(Function):
     """y = act(x); saves y, x or nothing, as the activation's policy says."""
 
@@ -102,6 +134,7 @@ class ActivationFunction(Function):
         return _derivative(x_t, saved, ctx.act)
 
 
+@_eager_twin
 class ActivationBackwardFunction(Function):
     """grad_x = grad_y * act'(s), differentiable in grad_y and in the saved s (y or z).
     When s is the output y, autograd carries its gradient on through y's own graph."""
@@ -126,7 +159,7 @@ class ActivationBackwardFunction(Function):
         grad_saved = None
         if needs[1]:
             if torch.is_grad_enabled():
-                grad_saved = ActivationSecondFunction.apply(grad_grad_x, grad_y, saved, act)[1]
+                grad_saved = _apply(ActivationSecondFunction, grad_grad_x, grad_y, saved, act)[1]
             else:
                 grad_saved = ops.activation_double_backward(grad_grad_x, grad_y, saved, act.name, act.params)[1]
         return grad_grad_y, grad_saved, None
@@ -140,6 +173,7 @@ class ActivationBackwardFunction(Function):
                      ops.activation_double_backward(saved_t, grad_y, saved, act.name, act.params)[1]])
 
 
+@_eager_twin
 class ActivationSecondFunction(Function):
     """The second-derivative pass: (grad_grad_x * act'(s), grad_grad_x * grad_y * act''(s)),
     differentiable in grad_grad_x and grad_y. Its derivative in s would need the activation's third
@@ -205,6 +239,7 @@ def _linear_tangent(x, weight, x_t, weight_t, bias_t):
     return bias_t.expand(*x.shape[:-1], weight.shape[0]) if products is None else products + bias_t
 
 
+@_eager_twin
 class DenseFunction(Function):
     """(y, z) = (act(x @ weight.T + bias), x @ weight.T + bias) in one op; z is (0) unless
     ``return_preact`` (``dense`` asks for it only when backward will read it).
@@ -299,7 +334,7 @@ def _stack_grads(grad_y, x, weights, biases, acts, needs):
     inputs, saved = [x], []
     for w, b, act in zip(weights, biases, acts):
         z = F.linear(inputs[-1], w, b)
-        y = ActivationFunction.apply(z, act)
+        y = _apply(ActivationFunction, z, act)
         saved.append(_saved_of(act, z, y))
         inputs.append(y)
     grads = [None] * (2 * n)
@@ -315,7 +350,7 @@ def _gated_grads(grad_h, x, weight_gate, bias_gate, weight_up, bias_up, act: Act
     """The gradients of act(gate(x)) * up(x) as a graph of differentiable pieces (double backward):
     (grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up)."""
     gate, up = F.linear(x, weight_gate, bias_gate), F.linear(x, weight_up, bias_up)
-    y = ActivationFunction.apply(gate, act)
+    y = _apply(ActivationFunction, gate, act)
     grad_gate, grad_up = _derivative(grad_h * up, _saved_of(act, gate, y), act), grad_h * y
     gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (needs[0], needs[1], needs[2]))
     gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (needs[0], needs[3], needs[4]))
@@ -336,6 +371,7 @@ def _mlp_setup(ctx, x, tensors, hidden: Act, output: Act, y, saved, needs_x, nee
     output when the last activation's derivative reads it."""
     n = len(tensors) // 2
     ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
     ctx.acts, ctx.n_saved, ctx.needs = (hidden, output), len(saved), (needs_x, *needs_tensors)
     ctx.biases = tensors[n:]
     _remember_unsaved(ctx, *ctx.biases)
@@ -381,6 +417,7 @@ def _mlp_jvp(ctx, x_t, tensor_t):
     return (h_t, *[None] * ctx.n_saved)
 
 
+@_eager_twin
 class MLPFunction(Function):
     """A whole multi-layer perceptron: ``output(L_n(...hidden(L_1(x))))`` in one op each way.
 
@@ -417,7 +454,7 @@ class MLPFunction(Function):
 
 
 def _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act: Act):
-    return ActivationFunction.apply(F.linear(x, weight_gate, bias_gate), act) * F.linear(x, weight_up, bias_up)
+    return _apply(ActivationFunction, F.linear(x, weight_gate, bias_gate), act) * F.linear(x, weight_up, bias_up)
 
 
 def _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents, act: Act):
@@ -438,6 +475,7 @@ def _gated_saved(ctx) -> list:
     return saved
 
 
+@_eager_twin
 class GatedFunction(Function):
     """y = act(x Wg^T + bg) * (x Wu^T + bu) in one op; keeps the two pre-activations (and x)."""
 
@@ -452,6 +490,7 @@ class GatedFunction(Function):
         x, weight_gate, bias_gate, weight_up, bias_up, act, _ = inputs
         _, gate, up = output
         ctx.mark_non_differentiable(gate, up)
+        ctx.set_materialize_grads(False)
         ctx.act, ctx.biases = act, (bias_gate, bias_up)
         _remember_unsaved(ctx, *ctx.biases)
         _save(ctx, (x, weight_gate, None, weight_up, None, gate, up),
@@ -476,6 +515,7 @@ class GatedFunction(Function):
         return y_t, None, None
 
 
+@_eager_twin
 class GatedMLPFunction(Function):
     """y = down(act(gate(x)) * up(x)) in one op each way: keeps the two pre-activations (and x),
     and recomputes act(gate) * up for the down projection's weight gradient."""
@@ -492,6 +532,7 @@ class GatedMLPFunction(Function):
         x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, act, _ = inputs
         _, gate, up = output
         ctx.mark_non_differentiable(gate, up)
+        ctx.set_materialize_grads(False)
         ctx.act, ctx.biases = act, (bias_gate, bias_up, bias_down)
         _remember_unsaved(ctx, *ctx.biases)
         _save(ctx, (x, weight_gate, None, weight_up, None, weight_down, None, gate, up),
@@ -579,7 +620,7 @@ def _dense_backward_definition(grad_y, x, weight, saved, activation, params, mas
 
 def _gated_backward_definition(grad_y, x, weight_gate, weight_up, gate, up, activation, params, mask):
     act = resolve_by_values(activation, tuple(params))
-    y = ActivationFunction.apply(gate, act)
+    y = _apply(ActivationFunction, gate, act)
     grad_gate, grad_up = _derivative(grad_y * up, _saved_of(act, gate, y), act), grad_y * y
     gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (mask[0], mask[1], mask[2]))
     gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (mask[0], mask[3], mask[4]))
@@ -588,7 +629,7 @@ def _gated_backward_definition(grad_y, x, weight_gate, weight_up, gate, up, acti
 
 def _gated_mlp_backward_definition(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params,
                                    mask):
-    h = ActivationFunction.apply(gate, resolve_by_values(activation, tuple(params))) * up
+    h = _apply(ActivationFunction, gate, resolve_by_values(activation, tuple(params))) * up
     grad_h, grad_wd, grad_bd = _linear_grads(grad_y, h, weight_down, (True, mask[5], mask[6]))
     return (*_gated_backward_definition(grad_h, x, weight_gate, weight_up, gate, up, activation, params, mask[:5]),
             *_placeholders((grad_wd, grad_bd), grad_y))
@@ -602,7 +643,7 @@ def _mlp_backward_definition(grad_y, x, y, weights, biases, saved, activation, p
     # What each layer's derivative reads, and each layer's input, from what mlp_forward kept.
     reads = [y if mlp_keeps_nothing(i, n, acts[i].name) else saved[i] for i in range(n)]
     biases = _layer_biases(biases)
-    inputs = [x] + [ActivationFunction.apply(s, acts[0]) if acts[0].saves == "input" else s for s in saved[:-1]]
+    inputs = [x] + [_apply(ActivationFunction, s, acts[0]) if acts[0].saves == "input" else s for s in saved[:-1]]
     grads_w, grads_b, g = [None] * n, [None] * n, grad_y
     for i in reversed(range(n)):
         dz = _derivative(g, reads[i], acts[i])
@@ -690,7 +731,7 @@ def activation(x: torch.Tensor, activation: str | Act = "relu", **params: float)
     act = resolve(activation, **params)
     if _through_ops():
         return ops.activation_forward(x, act.name, act.params)
-    return ActivationFunction.apply(x, act)
+    return _apply(ActivationFunction, x, act)
 
 
 def dense(
@@ -710,7 +751,7 @@ def dense(
     return_preact = act.saves == "input" and _builds_graph(x, weight, bias)
     if _through_ops():
         return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)[0]
-    return DenseFunction.apply(x, weight, bias, act, return_preact)[0]
+    return _apply(DenseFunction, x, weight, bias, act, return_preact)[0]
 
 
 def mlp(
@@ -741,7 +782,7 @@ def mlp(
     if _through_ops():
         return ops.mlp_forward(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
                                output.params, save)[0]
-    return MLPFunction.apply(x, hidden, output, save, *tensors)[0]
+    return _apply(MLPFunction, x, hidden, output, save, *tensors)[0]
 
 
 def gated(
@@ -764,7 +805,7 @@ def gated(
     save = _builds_graph(*tensors)
     if _through_ops():
         return ops.gated_forward(*tensors, act.name, act.params, save)[0]
-    return GatedFunction.apply(*tensors, act, save)[0]
+    return _apply(GatedFunction, *tensors, act, save)[0]
 
 
 def gated_mlp(
@@ -786,4 +827,4 @@ def gated_mlp(
     save = _builds_graph(*tensors)
     if _through_ops():
         return ops.gated_mlp_forward(*tensors, act.name, act.params, save)[0]
-    return GatedMLPFunction.apply(*tensors, act, save)[0]
+    return _apply(GatedMLPFunction, *tensors, act, save)[0]
