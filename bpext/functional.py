@@ -445,6 +445,8 @@ class MLPFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_y, *_):
+        if grad_y is None:  # only the kept tensors reached the loss: they are not differentiable
+            return (None,) * (4 + 2 * len(ctx.biases))
         grad_x, grads = _mlp_backward(ctx, grad_y)
         return (grad_x, None, None, None, *grads)
 
@@ -498,6 +500,8 @@ class GatedFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_y, *_):
+        if grad_y is None:
+            return (None,) * 7
         x, weight_gate, bias_gate, weight_up, bias_up, gate, up = _gated_saved(ctx)
         act, needs = ctx.act, ctx.needs_input_grad
         if torch.is_grad_enabled():
@@ -540,6 +544,8 @@ class GatedMLPFunction(Function):
 
     @staticmethod
     def backward(ctx, grad_y, *_):
+        if grad_y is None:
+            return (None,) * 9
         tensors = _gated_saved(ctx)
         x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, gate, up = tensors
         act, needs = ctx.act, ctx.needs_input_grad
@@ -601,6 +607,8 @@ def _per_argument(inputs: tuple, grad_of) -> tuple:
 
 
 def _mlp_op_backward(ctx, grad_y, _):
+    if grad_y is None:
+        return _per_argument(ctx.op_args, lambda t: None)
     grad_x, grads = _mlp_backward(ctx, grad_y)
     n = len(grads) // 2
     by_position = dict(zip(map(id, ctx.op_inputs), [grad_x, *grads]))
