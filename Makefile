@@ -48,4 +48,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf build $(VENV) bpext/_C*.so *.egg-info
+	rm -rf build $(VENV) bpext/_*.so *.egg-info

@@ -1,8 +1,10 @@
-"""Builds bpext._C from kernels/: the C++ CPU kernels always, the CUDA kernels too
-whenever torch is a CUDA build and nvcc is found (BPEXT_FORCE_CPU=1 turns them off)."""
+"""Builds bpext's extensions from kernels/: bpext._C (the ops, and the CUDA kernels whenever torch is
+a CUDA build and nvcc is found; BPEXT_FORCE_CPU=1 turns them off) and the CPU kernels, once per
+SIMD level (bpext._cpu_default, _cpu_avx2, _cpu_avx512), of which bpext loads the one its CPU runs."""
 
 import glob
 import os
+import platform
 import site
 import sys
 
@@ -34,20 +36,20 @@ def _nvidia_include_dirs():
     return sorted(set(d for d in found if os.path.isdir(d)))
 
 
-_SIMD_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+# The CPU kernels (kernels/cpu) are built once per SIMD level, each into a library of its own
+# whose symbols stay hidden (an inline function compiled for AVX-512 must not serve another
+# library), and bpext loads the one the CPU runs at import, as ATen picks its own kernels: one
+# build runs on any x86-64 CPU. CPU_CAPABILITY selects at::vec's implementation, as in ATen.
+_SIMD_LEVELS = {
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
 }
 
 
-def _cpu_simd_flags():
-    """The SIMD level torch itself runs at on this machine (its at::vec kernels, Sleef
-    included, then match ours); BPEXT_CPU_CAPABILITY=AVX512|AVX2|DEFAULT overrides."""
-    import torch
-
-    level = os.environ.get("BPEXT_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-    return _SIMD_FLAGS.get(level.upper(), [])
+def _simd_levels():
+    return list(_SIMD_LEVELS) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
 
 
 def _sanitizer_flags():
@@ -58,14 +60,15 @@ def _sanitizer_flags():
     return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 
 
-def _extension():
+def _extensions():
     force_cpu = os.environ.get("BPEXT_FORCE_CPU", "0") == "1"
     if not force_cpu:
         _configure_cuda_environment()
     from torch.utils import cpp_extension
     import torch
 
-    sources = sorted(glob.glob("kernels/*.cpp") + glob.glob("kernels/cpu/*.cpp"))
+    sources = sorted(glob.glob("kernels/*.cpp"))
+    cpu_sources = sorted(glob.glob("kernels/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("kernels/cuda/*.cu"))
     include_dirs = [os.path.join(ROOT, "kernels", "include")]
     # -fopenmp: at::parallel_for is inline and runs its loop in an OpenMP region (ATen's
@@ -74,8 +77,15 @@ def _extension():
     # the same formula rounded differently in an unrolled loop and its tail (results then
     # depended on where a thread's chunk began). -Werror=switch: every enum case handled.
     warnings = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Werror=switch"]
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + warnings + _cpu_simd_flags() + _sanitizer_flags()
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + warnings + _sanitizer_flags()
     link = ["-fopenmp"] + _sanitizer_flags()
+    hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    cpu_kernels = [
+        cpp_extension.CppExtension(
+            f"bpext._cpu_{level}", cpu_sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + hidden + flags}, extra_link_args=link, py_limited_api=True)
+        for level, flags in _SIMD_LEVELS.items() if level in _simd_levels()
+    ]
 
     if force_cpu:
         reason = "BPEXT_FORCE_CPU=1"
@@ -88,37 +98,37 @@ def _extension():
 
     if reason is not None:
         print(f"bpext: building the CPU kernels only ({reason})", flush=True)
-        return cpp_extension.CppExtension(
+        return [cpp_extension.CppExtension(
             "bpext._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True,
-        )
+        ), *cpu_kernels]
     print(f"bpext: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
           f"arch {os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')})", flush=True)
-    return cpp_extension.CUDAExtension(
+    return [cpp_extension.CUDAExtension(
         "bpext._C", sources + cuda_sources,
         include_dirs=include_dirs + _nvidia_include_dirs(),
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=link, py_limited_api=True,
-    )
+    ), *cpu_kernels]
 
 
 def _fixed_build_folder(base):
     class BuildInFixedFolder(base):
-        # pip install -e builds in a new temporary folder each time; a fixed one lets
-        # ninja rebuild only the kernels that changed.
-        def build_extensions(self):
-            self.build_temp = os.path.join(ROOT, "build", "temp")
-            super().build_extensions()
+        # pip install -e builds in a new temporary folder each time; a fixed one per extension
+        # lets ninja rebuild only the kernels that changed (the CPU sources compile once per level).
+        def build_extension(self, ext):
+            self.build_temp = os.path.join(ROOT, "build", "temp", ext.name)
+            super().build_extension(ext)
 
     return BuildInFixedFolder
 
 
 def main():
-    extension = _extension()  # first: it fixes the environment that cpp_extension reads on import
+    extensions = _extensions()  # first: it fixes the environment that cpp_extension reads on import
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        ext_modules=[extension],
+        ext_modules=extensions,
         cmdclass={"build_ext": _fixed_build_folder(BuildExtension)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )

@@ -520,6 +520,8 @@ const Backend& backend_for(c10::DeviceType device) {
   const Backend* b = backends()[static_cast<size_t>(device)];
   TORCH_CHECK(b != nullptr, "bpext has no kernels for device type ", c10::DeviceTypeName(device),
               " in this build");
+  TORCH_CHECK(b->activation_forward != nullptr, "bpext's ", c10::DeviceTypeName(device),
+              " kernels are not loaded: import bpext (it loads the ones built for this CPU)");
   return *b;
 }
 

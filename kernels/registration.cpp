@@ -90,6 +90,9 @@ void define_ops(torch::Library& m) {
         [](c10::string_view activation, at::ArrayRef<double> params) {
           parse_activation(activation, params, at::kDouble, "bpext");
         });
+  // Loads the CPU kernels built for one SIMD level (bpext/__init__.py picks it); which are loaded.
+  m.def("_load_cpu_kernels(str path) -> ()", [](c10::string_view path) { load_cpu_kernels(path); });
+  m.def("_cpu_kernels() -> str", [] { return loaded_cpu_kernels(); });
   // ReLU layers with a bias finish inside the GEMM (cuBLASLt's epilogue on CUDA); returns the previous value.
   m.def("_set_gemm_epilogue(bool enabled) -> bool",
         [](bool enabled) { return gemm_epilogue_enabled().exchange(enabled); });

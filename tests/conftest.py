@@ -54,7 +54,7 @@ def assert_close_to_reference(actual, reference, dtype, native=None):
     assert not bad.any(), f"{int(bad.sum())} elements farther from the reference than native and the tolerance"
 
 
-def run_python(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_python(code: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter (for what could crash or abort the process)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)

@@ -8,16 +8,13 @@
 // per chunk of blocks and the chunks added in order: the chunking depends only on the
 // batch size, so results do not depend on the thread count.
 // Wider networks and 16-bit dtypes return false: the ops run them layer by layer.
-#include "mlp.h"
-
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
 #include <memory>
 #include <vector>
 
-#include "vec_math.h"
+#include "kernels.h"
 
 namespace bpext::cpu {
 namespace {

@@ -128,10 +128,12 @@ inline void map_span(int64_t n, const F& f, T* out, const In*... in) {
   }
 }
 
+// Elements per task of a parallel loop: below it, starting threads costs more than it saves.
+constexpr int64_t kGrainElements = 1 << 15;
+
 // map_span over n elements, in parallel.
 template <class T, class F, class... In>
 inline void parallel_map(int64_t n, const F& f, T* out, const In*... in) {
-  constexpr int64_t kGrainElements = 1 << 15;
   at::parallel_for(0, n, kGrainElements, [&](int64_t begin, int64_t end) {
     map_span(end - begin, f, out + begin, (in + begin)...);
   });
@@ -155,7 +157,8 @@ void map_rows_with_sums(int64_t rows, int64_t cols, const F& f, std::array<T*, K
   const int64_t chunks = (rows + chunk_rows - 1) / chunk_rows;
   const bool summing = std::any_of(sums.begin(), sums.end(), [](T* s) { return s != nullptr; });
   std::vector<O> partial(summing ? chunks * K * cols : 0, O(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t grain_chunks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, chunk_rows * cols));
+  at::parallel_for(0, chunks, grain_chunks, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       O* acc = summing ? partial.data() + c * K * cols : nullptr;
       for (int64_t i = c * chunk_rows; i < std::min(rows, (c + 1) * chunk_rows); ++i) {
@@ -173,7 +176,8 @@ void map_rows_with_sums(int64_t rows, int64_t cols, const F& f, std::array<T*, K
   });
   for (size_t k = 0; k < K; ++k) {
     if (sums[k] == nullptr) continue;
-    at::parallel_for(0, cols, 1024, [&](int64_t j0, int64_t j1) {
+    at::parallel_for(0, cols, std::max<int64_t>(1024, kGrainElements / std::max<int64_t>(1, chunks)),
+                     [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         O total = 0;
         for (int64_t c = 0; c < chunks; ++c) total += partial[(c * K + k) * cols + j];

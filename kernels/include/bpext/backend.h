@@ -72,6 +72,11 @@ struct Backend {
 // The backend registered for a device type; raises for one without bpext kernels.
 const Backend& backend_for(c10::DeviceType device);
 
+// The CPU's kernels, from the library built for its SIMD level (kernels/cpu_backend.cpp), and the
+// path they were loaded from ("" until then).
+void load_cpu_kernels(c10::string_view path);
+std::string loaded_cpu_kernels();
+
 // Registers `backend` for `device` and every op's kernel for its dispatch key (kernels/ops.cpp).
 void register_backend(c10::DeviceType device, const Backend* backend, torch::Library& m);
 
