@@ -59,8 +59,7 @@ at::Tensor activation_backward(const at::Tensor& grad_y, const at::Tensor& saved
   constexpr const char* op = "bpext.activation_backward";
   check_floating(grad_y, op, "grad_y");
   const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
-  check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
-  check_same_shape(grad_y, saved, op, "grad_y", "saved");
+  check_like(grad_y, saved, op, "grad_y", "saved");
   const c10::OptionalDeviceGuard guard(grad_y.device());
   const at::Tensor gc = grad_y.contiguous();
   at::Tensor grad_x = at::empty(grad_y.sizes(), gc.options());
@@ -77,10 +76,8 @@ std::tuple<at::Tensor, at::Tensor> activation_double_backward(const at::Tensor& 
   constexpr const char* op = "bpext.activation_double_backward";
   check_floating(grad_y, op, "grad_y");
   const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
-  check_same_dtype_device(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
-  check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
-  check_same_shape(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
-  check_same_shape(grad_y, saved, op, "grad_y", "saved");
+  check_like(grad_y, grad_grad_x, op, "grad_y", "grad_grad_x");
+  check_like(grad_y, saved, op, "grad_y", "saved");
   const c10::OptionalDeviceGuard guard(grad_y.device());
   const at::Tensor gc = grad_y.contiguous();
   at::Tensor grad_grad_y = at::empty(grad_y.sizes(), gc.options());
@@ -181,10 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(const at::Tensor& 
   const ActivationArg act = parse_activation(activation, params, grad_y.scalar_type(), op);
   TORCH_CHECK(grad_y.dim() >= 1, op, ": grad_y must have at least 1 dimension (*, out_features), got a 0-D tensor");
   const int64_t out_features = grad_y.size(-1);
-  if (act.saves() != Saves::kNothing) {
-    check_same_dtype_device(grad_y, saved, op, "grad_y", "saved");
-    check_same_shape(grad_y, saved, op, "grad_y", "saved");
-  }
+  if (act.saves() != Saves::kNothing) check_like(grad_y, saved, op, "grad_y", "saved");
   if (output_mask[0]) {
     TORCH_CHECK(weight.has_value(), op, ": weight is required to compute grad_x");
     TORCH_CHECK(weight->dim() == 2 && weight->size(0) == out_features, op,
@@ -297,10 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_bac
   check_same_dtype_device(x, grad_y, op, "input", "grad_y");
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(shape), op, ": grad_y must have shape ", show(shape), ", got ",
               show(grad_y.sizes()));
-  check_same_dtype_device(grad_y, gate, op, "grad_y", "gate");
-  check_same_dtype_device(grad_y, up, op, "grad_y", "up");
-  check_same_shape(grad_y, gate, op, "grad_y", "gate");
-  check_same_shape(grad_y, up, op, "grad_y", "up");
+  check_like(grad_y, gate, op, "grad_y", "gate");
+  check_like(grad_y, up, op, "grad_y", "up");
   const c10::OptionalDeviceGuard guard(x.device());
   at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : empty0(x);
   auto [gw, gb, uw, ub] = gated_backward_rows(backend_for(x.device().type()), act, contiguous_rows(grad_y), as_rows(x),

@@ -110,6 +110,13 @@ inline void check_same_shape(const at::Tensor& ref, const at::Tensor& t, const c
               ", got ", show(t.sizes()));
 }
 
+// t: the shape, dtype and device of ref
+inline void check_like(const at::Tensor& ref, const at::Tensor& t, const char* op, const char* ref_arg,
+                       const char* arg) {
+  check_same_dtype_device(ref, t, op, ref_arg, arg);
+  check_same_shape(ref, t, op, ref_arg, arg);
+}
+
 // t: (*, features), with at least one dimension
 inline void check_rows(const at::Tensor& t, int64_t features, const char* op, const char* arg, const char* what) {
   TORCH_CHECK(t.dim() >= 1 && t.size(-1) == features, op, ": ", arg, " must have shape (*, ", show(features),
