@@ -121,15 +121,25 @@ class ResolvedActivation:
         return (resolve_by_values, (self.name, self.params))
 
 
-@functools.lru_cache(maxsize=1024)
+_RESOLVED: dict[tuple[str, tuple[float, ...]], ResolvedActivation] = {}
+
+
 def resolve_by_values(name: str, params: tuple[float, ...]) -> ResolvedActivation:
-    """``resolve`` with the parameter values in the activation's order. Cached (a model calls
-    its layers with the same few activations again and again); the kernels check the values."""
+    """``resolve`` with the parameter values in the activation's order. Remembered (a model calls
+    its layers with the same few activations again and again); the kernels check the values,
+    here once and again in every op (a plain dict, which torch.compile traces through)."""
+    key = (name, tuple(params))
+    found = _RESOLVED.get(key)
+    if found is not None:
+        return found
     spec = REGISTRY.get(name)
     if spec is None:
         raise ValueError(f"unknown activation '{name}'; expected one of: {', '.join(ACTIVATIONS)}")
-    torch.ops.bpext._check_activation(name, list(params))
-    return ResolvedActivation(spec, tuple(params))
+    if torch.compiler.is_compiling():  # the op checks them when it runs
+        return ResolvedActivation(spec, key[1])
+    torch.ops.bpext._check_activation(name, list(key[1]))
+    _RESOLVED[key] = ResolvedActivation(spec, key[1])
+    return _RESOLVED[key]
 
 
 def resolve(activation: str | ResolvedActivation, **params: float) -> ResolvedActivation:

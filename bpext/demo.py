@@ -58,6 +58,7 @@ def train(epochs: int = 8, batch: int = 64, lr: float = 2e-3, device: str = "cpu
         print(f"digits: {len(x_train)} train / {len(x_test)} test, MLP 64-128-128-10 (GELU, SiLU), "
               f"Adam lr={lr}, batch {batch}, {epochs} epochs, device {device}")
         print(fused)
+        print("fused by bpext.convert:", bpext.fusions(fused))
     bar = tqdm(total=epochs * steps, desc="training native and bpext", unit="step", disable=quiet)
     for epoch in range(epochs):
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed + epoch)).to(device)
