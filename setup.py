@@ -49,6 +49,15 @@ _SIMD_LEVELS = {
 
 
 def _simd_levels():
+    """Every level on x86-64 (BPEXT_SIMD_LEVELS=avx512,default builds only those, e.g. on a machine
+    that only needs its own), the default elsewhere."""
+    if os.environ.get("BPEXT_SIMD_LEVELS"):
+        levels = os.environ["BPEXT_SIMD_LEVELS"].lower().split(",")
+        unknown = sorted(set(levels) - set(_SIMD_LEVELS))
+        if unknown or "default" not in levels:
+            raise SystemExit(f"BPEXT_SIMD_LEVELS={os.environ['BPEXT_SIMD_LEVELS']}: levels are {', '.join(_SIMD_LEVELS)}, "
+                             "and default must be one of them (it runs where no other does)")
+        return levels
     return list(_SIMD_LEVELS) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
 
 

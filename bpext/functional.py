@@ -441,7 +441,7 @@ class MLPFunction(Function):
         x, hidden, out_act, _, *tensors = inputs
         y, *saved = output
         needs = ctx.needs_input_grad
-        _mlp_setup(ctx, x, tensors, hidden, out_act, y, saved, needs[0], needs[4:4 + len(tensors)])
+        _mlp_setup(ctx, x, tensors, hidden, out_act, y, saved, needs[0], needs[len(inputs) - len(tensors):])
 
     @staticmethod
     def backward(ctx, grad_y, *_):
@@ -452,7 +452,7 @@ class MLPFunction(Function):
 
     @staticmethod
     def jvp(ctx, x_t, *tangents):
-        return _mlp_jvp(ctx, x_t, tangents[3:])
+        return _mlp_jvp(ctx, x_t, tangents[len(tangents) - 2 * len(ctx.biases):])  # the tensors' tangents
 
 
 def _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act: Act):
@@ -515,7 +515,9 @@ class GatedFunction(Function):
     @staticmethod
     def jvp(ctx, x_t, *tangents):
         x, weight_gate, bias_gate, weight_up, bias_up, _, _ = _gated_saved(ctx)
-        _, y_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents[:4], ctx.act)
+        weight_gate_t, bias_gate_t, weight_up_t, bias_up_t, *_ = tangents
+        _, y_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up,
+                                (weight_gate_t, bias_gate_t, weight_up_t, bias_up_t), ctx.act)
         return y_t, None, None
 
 
@@ -566,8 +568,10 @@ class GatedMLPFunction(Function):
     @staticmethod
     def jvp(ctx, x_t, *tangents):
         x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, _, _ = _gated_saved(ctx)
-        h, h_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents[:4], ctx.act)
-        return _linear_tangent(h, weight_down, h_t, tangents[4], tangents[5]), None, None
+        weight_gate_t, bias_gate_t, weight_up_t, bias_up_t, weight_down_t, bias_down_t, *_ = tangents
+        h, h_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up,
+                                (weight_gate_t, bias_gate_t, weight_up_t, bias_up_t), ctx.act)
+        return _linear_tangent(h, weight_down, h_t, weight_down_t, bias_down_t), None, None
 
 
 # ---- the same autograd on the ops themselves ------------------------------------------------------

@@ -10,14 +10,13 @@ import pickle
 import warnings
 
 import pytest
+import timm  # both are in the test extra: a missing one fails here rather than skipping
 import torch
+import transformers
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import bpext
-
-transformers = pytest.importorskip("transformers")
-timm = pytest.importorskip("timm")
 
 
 def bert():
