@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
 
+#include <cstdint>
 #include <memory>
 #include <vector>
 
@@ -108,14 +109,16 @@ void bias_activation_row(T* acc, const T* bias, T* y, int64_t out_features, cons
   }
 }
 
-// g, s: (OUT) rows -> dz = g * act'(s), db_acc += dz (unless null)
+// g, s: (OUT) rows -> dz = g * act'(s), db_acc += dz (unless null); from act'(s) itself where
+// slope is not null.
 template <class F, class T, class P>
-void grad_row(const T* g, const T* s, T* dz, T* db_acc, int64_t out_features, const P& params) {
+void grad_row(const T* g, const T* s, const T* slope, T* dz, T* db_acc, int64_t out_features, const P& params) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   for (int64_t j = 0; j < out_features; j += IO::kWidth) {
     const int64_t n = std::min<int64_t>(IO::kWidth, out_features - j);
-    const auto d = F::backward(IO::load(g + j, n), s ? IO::load(s + j, n) : V(T(0)), params);
+    const auto d = slope ? IO::load(g + j, n) * IO::load(slope + j, n)
+                         : F::backward(IO::load(g + j, n), s ? IO::load(s + j, n) : V(T(0)), params);
     IO::store(dz + j, d, n);
     if (db_acc != nullptr) (V::loadu(db_acc + j, n) + d).store(db_acc + j, n);
   }
@@ -252,15 +255,36 @@ struct GradSums {
   }
 };
 
-// Per-thread scratch for one block of the backward pass.
+// Per-thread scratch for one block of the backward pass. slope holds act'(z) of the layer
+// slope_layer, computed with act(z) where the activation shares the work (HasValueSlope).
 template <class T>
 struct BlockScratch {
-  std::unique_ptr<T[]> dz, dz_t, a, g;
+  std::unique_ptr<T[]> dz, dz_t, a, slope, g;
   int64_t elements;
+  size_t slope_layer = SIZE_MAX;
   explicit BlockScratch(int64_t block_elements)
       : dz(scratch<T>(block_elements)), dz_t(scratch<T>(block_elements)), a(scratch<T>(block_elements)),
-        g(scratch<T>(2 * block_elements)), elements(block_elements) {}
+        slope(scratch<T>(block_elements)), g(scratch<T>(2 * block_elements)), elements(block_elements) {}
 };
+
+// a = act(z) over n elements, and slope = act'(z) where the activation computes both at once
+// (returns whether it did).
+template <class F, class T, class P>
+bool recompute_activation(const T* z, int64_t n, T* a, T* slope, const P& params) {
+  using IO = VecIO<T>;
+  if constexpr (HasValueSlope<F, typename IO::V>) {
+    for (int64_t j = 0; j < n; j += IO::kWidth) {
+      const int64_t count = std::min<int64_t>(IO::kWidth, n - j);
+      const auto r = F::value_and_slope(IO::load(z + j, count), params);
+      IO::store(a + j, r.value, count);
+      IO::store(slope + j, r.slope, count);
+    }
+    return true;
+  } else {
+    map_span(n, [&](const auto& v) { return F::forward(v, params); }, a, z);
+    return false;
+  }
+}
 
 // Layer l's backward on the n rows from r0: from g (the gradient of its output), accumulates
 // its weight and bias gradients into chunk c's sums and returns the gradient of its input
@@ -268,21 +292,25 @@ struct BlockScratch {
 template <class T>
 const T* backward_layer(const Network& net, const Layers<T>& layers, size_t l, const std::vector<const T*>& state,
                         const T* x, T* grad_x, const T* g, int64_t r0, int64_t n, const GradSums<T>& sums, int64_t c,
-                        const BlockScratch<T>& buf) {
+                        BlockScratch<T>& buf) {
   const size_t n_layers = layers.size();
   const int64_t k_dim = layers.width[l], n_dim = layers.width[l + 1];
   const T* s = state[l] != nullptr ? state[l] + r0 * n_dim : nullptr;
+  const T* slope = buf.slope_layer == l ? buf.slope.get() : nullptr;
   // dz = g * act'(s), and its column sums into the bias gradient.
   with_functor<T>(net.of(l, n_layers), [&]<class F>(const auto& params) {
     for (int64_t i = 0; i < n; ++i) {
-      grad_row<F>(g + i * n_dim, s ? s + i * n_dim : nullptr, buf.dz.get() + i * n_dim, sums.db(c, l), n_dim, params);
+      grad_row<F>(g + i * n_dim, s ? s + i * n_dim : nullptr, slope ? slope + i * n_dim : nullptr,
+                  buf.dz.get() + i * n_dim, sums.db(c, l), n_dim, params);
     }
   });
-  // The layer's input: x, the previous layer's kept y, or act(z) recomputed from its kept z.
+  // The layer's input: x, the previous layer's kept y, or act(z) recomputed from its kept z
+  // (with act'(z), for layer l - 1's dz, where that comes at no extra cost).
   const T* a = l == 0 ? x + r0 * k_dim : state[l - 1] + r0 * k_dim;
+  buf.slope_layer = SIZE_MAX;
   if (l > 0 && mlp_keeps_z(net.hidden)) {
     with_functor<T>(net.hidden, [&]<class F>(const auto& params) {
-      map_span(n * k_dim, [&](const auto& z) { return F::forward(z, params); }, buf.a.get(), a);
+      if (recompute_activation<F>(a, n * k_dim, buf.a.get(), buf.slope.get(), params)) buf.slope_layer = l - 1;
     });
     a = buf.a.get();
   }
@@ -308,7 +336,7 @@ void backward(const Network& net, const at::Tensor& grad_y, const at::Tensor& x,
   const T* xp = x.const_data_ptr<T>();
   const T* gp = grad_y.const_data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    const BlockScratch<T> buf(std::min(kBlockRows, rows) * layers.max_width);
+    BlockScratch<T> buf(std::min(kBlockRows, rows) * layers.max_width);
     for (const auto c : c10::irange(c0, c1)) {
       sums.zero(c, layers);
       for (int64_t blk = c * blocks_per_chunk; blk < std::min(blocks, (c + 1) * blocks_per_chunk); ++blk) {

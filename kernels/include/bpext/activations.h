@@ -143,6 +143,17 @@ struct ScalarMath {
 template <Activation A, class M>
 struct Act;
 
+// act(z) and act'(z) from one evaluation, for a caller that recomputes act(z) and then needs
+// act'(z) at the same z (the fused MLP's backward). A functor offers value_and_slope where the
+// two share their costly part (GELU's erfc); value is forward(z) and g * slope is backward(g, z),
+// bitwise.
+template <class V>
+struct ValueSlope {
+  V value, slope;
+};
+template <class F, class V>
+concept HasValueSlope = requires(V z, const Params<V>& p) { F::value_and_slope(z, p); };
+
 // sigmoid(z) and 1 - sigmoid(z), from e = exp(-|z|) <= 1: the smaller of the two is e / (1 + e),
 // accurate relative to itself down to subnormal values (1 / (1 + exp(-z)) overflows to 1/inf = 0
 // there), and the larger is 1 minus it, accurate relative to 1. Neither is a difference that
@@ -211,9 +222,14 @@ struct Act<Activation::kGelu, M> {
   // every digit that the tail's small values have.
   BPEXT_HD static V cdf(V z) { return M::c(0.5) * M::erfc(M::c(-kSqrtHalf) * z); }
   BPEXT_HD static V pdf(V z) { return M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi); }
+  // d/dz z*Phi(z) = Phi(z) + z*phi(z), given Phi(z)
+  BPEXT_HD static V slope_given(V z, V cdf_z) { return M::fma(z, pdf(z), cdf_z); }
   BPEXT_HD static V forward(V z, const Params<V>&) { return z * cdf(z); }
-  // d/dz z*Phi(z) = Phi(z) + z*phi(z)
-  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * M::fma(z, pdf(z), cdf(z)); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * slope_given(z, cdf(z)); }
+  BPEXT_HD static ValueSlope<V> value_and_slope(V z, const Params<V>&) {
+    const V c = cdf(z);
+    return {z * c, slope_given(z, c)};
+  }
   // d/dz (Phi + z*phi) = 2*phi - z^2*phi
   BPEXT_HD static V second(V z, const Params<V>&) { return pdf(z) * (M::c(2) - z * z); }
 };
