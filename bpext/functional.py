@@ -8,6 +8,10 @@ composes differentiable pieces instead, so second derivatives are exact, and a t
 ``jvp`` (forward-mode AD) takes the derivative from ``activation_backward``, whose functor is
 the activation's one definition of act'. vmap batches the ops themselves (_ops.py).
 
+In plain eager mode the dense layer skips its Python Function: ``bpext::dense`` ties
+dense_forward and dense_backward with a C++ autograd Function (kernels/autograd.cpp) that
+mirrors DenseFunction, so a training step runs no Python between a layer's ops.
+
 A Function takes its activation as one ``ResolvedActivation`` (a pytree leaf, as torch.func
 needs); the ops take it as its name and parameter values.
 """
@@ -724,6 +728,13 @@ def _through_ops() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
+def _plain_eager() -> bool:
+    """Neither torch.func, forward-mode AD, torch.compile nor tracing: the ops whose autograd is
+    in C++ (``bpext::dense``, kernels/autograd.cpp) serve, with no Python between a layer's ops."""
+    return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+                or torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def _autocast(*tensors):
     """Under torch.autocast, casts the inputs to the autocast dtype as nn.Linear does (gradients
     flow back through the casts); otherwise returns them unchanged."""
@@ -760,6 +771,8 @@ def dense(
     """
     act = resolve(activation, **params)
     x, weight, bias = _autocast(x, weight, bias)
+    if _plain_eager():
+        return ops.dense(x, weight, bias, act.name, act.params)
     return_preact = act.saves == "input" and _builds_graph(x, weight, bias)
     if _through_ops():
         return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)[0]

@@ -36,6 +36,9 @@ void define_ops(torch::Library& m) {
   m.def(
       "dense_backward(Tensor grad_y, Tensor? x, Tensor? weight, Tensor saved, str activation, float[] params, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The dense layer with its autograd in C++ (kernels/autograd.cpp), the plain eager path:
+  // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT)
+  m.def("dense(Tensor x, Tensor weight, Tensor? bias, str activation, float[] params) -> Tensor");
   // x: (*, IN), weight_gate, weight_up: (H, IN), biases: (H)
   //   -> y = act(x Wg^T + bg) * (x Wu^T + bu): (*, H), and the two pre-activations (*, H) or (0) unless save
   m.def(

@@ -1,8 +1,9 @@
-"""Calls every bpext op with random, mostly wrong, arguments: ranks 0-3, sizes 0-4, dtypes,
-meta tensors mixed in, None where a tensor is optional, lists too short or too long. Each call
-must return or raise a Python exception; a crash kills this process (run it in a subprocess:
-tests/test_robustness.py). Where a forward op returns, its outputs have the shapes its fake
-implementation predicts and its values are those of native PyTorch.
+"""Calls every bpext op (bpext.OPS, and ``dense`` with its C++ autograd) with random, mostly
+wrong, arguments: ranks 0-3, sizes 0-4, dtypes, meta tensors mixed in, None where a tensor is
+optional, lists too short or too long, inputs that need a gradient. Each call must return or
+raise a Python exception, and backward of what returned must run; a crash kills this process
+(run it in a subprocess: tests/test_robustness.py). Where a forward op returns, its outputs have
+the shapes its fake implementation predicts and its values are those of native PyTorch.
 
     python tests/fuzz_ops.py SEED CALLS
 """
@@ -64,6 +65,11 @@ def sample(rng, op: str):
         return (x, related(rng, rows, fin, dtype), related(rng, rows, fin, dtype), act, params)
     if op == "dense_forward":
         return (x, w, b, act, params, rng.random() < 0.5)
+    if op == "dense":  # with its C++ autograd: inputs that need a gradient, sometimes
+        for t in (x, w, b):
+            if t is not None and t.is_floating_point() and rng.random() < 0.5:
+                t.requires_grad_(True)
+        return (x, w, b, act, params)
     if op == "dense_backward":
         return (gy, maybe(x), w, related(rng, rows, fout, dtype), act, params, mask(3))
     if op == "gated_forward":
@@ -94,8 +100,8 @@ def native(op: str, args):
     if op == "activation_forward":
         x, name, params = args
         return bpext.activations.resolve_by_values(name, tuple(params)).reference(x)
-    if op == "dense_forward":
-        x, w, b, name, params, _ = args
+    if op in ("dense_forward", "dense"):
+        x, w, b, name, params, *_ = args
         return bpext.activations.resolve_by_values(name, tuple(params)).reference(F.linear(x, w, b))
     if op == "gated_forward":
         x, wg, bg, wu, bu, name, params, _ = args
@@ -114,6 +120,8 @@ def check_call(op: str, args) -> str:
     expected = getattr(ops, op)(*meta_args)
     shapes = [t.shape for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     assert [t.shape for t in leaves] == shapes, (op, [t.shape for t in leaves], shapes)
+    if leaves[0].requires_grad:  # backward of what forward accepted never fails
+        leaves[0].sum().backward()
     if any(t.device.type == "meta" for t in leaves):
         return "returned"
     try:
@@ -132,7 +140,7 @@ def main(seed: int, calls: int) -> None:
     rng = random.Random(seed)
     counts = {"raised": 0, "returned": 0}
     for i in range(calls):
-        op = rng.choice(bpext.OPS)
+        op = rng.choice(bpext.OPS + ("dense",))
         args = sample(rng, op)
         print(f"{i} {op}", file=sys.stderr, flush=True)  # the last line names the call that crashed
         counts[check_call(op, args)] += 1

@@ -276,3 +276,53 @@ def test_transposed_weight_view(device):
     torch.testing.assert_close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
+
+
+def _python_function_dense(x, w, b, name, **params):
+    """The layer through DenseFunction (the path torch.func and forward-mode AD take), in plain eager mode."""
+    act = resolve(name, **params)
+    return_preact = act.saves == "input" and torch.is_grad_enabled()
+    return bpext.functional._apply(bpext.functional.DenseFunction, x, w, b, act, return_preact)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", bpext.ACTIVATIONS)
+@pytest.mark.parametrize("needs", ["all", "x", "weight", "bias"])
+def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, name, needs):
+    """Plain eager mode runs bpext::dense (autograd in C++, kernels/autograd.cpp): bitwise the outputs,
+    gradients and saved tensors of DenseFunction, which torch.func and forward-mode AD apply."""
+    params = NON_DEFAULT_PARAMS.get(name, {})
+    grad = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(2)).to(device)
+    results = []
+    for layer in (bpext.functional.dense, _python_function_dense):
+        x, w, b = make((2, 3, 5), 7, torch.float32, device, seed=1)
+        for t, which in ((x, "x"), (w, "weight"), (b, "bias")):
+            t.requires_grad_(needs in ("all", which))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x, w, b, name, **params)
+        results.append((y.grad_fn.name(), y.detach(), torch.autograd.grad(y, [t for t in (x, w, b) if t.requires_grad],
+                                                                         grad),
+                        sorted(tuple(t.shape) for t in saved)))
+    (cpp_node, *cpp), (python_node, *python) = results
+    assert "DenseAutograd" in cpp_node and "DenseFunction" in python_node
+    assert cpp[2] == python[2]  # the same tensors kept for backward
+    for a, b in zip(cpp[:2], python[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_transforms_and_forward_ad_take_the_python_function():
+    """torch.func refuses C++ autograd Functions and a C++ Function has no forward-mode AD: there
+    functional.dense applies DenseFunction, with the same derivatives as native."""
+    x, w, b = make((3, 4), 2, torch.float64, "cpu")
+    with pytest.raises(RuntimeError, match=r"C\+\+ torch::autograd::Function with functorch"):
+        torch.func.grad(lambda t: torch.ops.bpext.dense(t, w, b, "tanh", []).sum())(x)
+    grads = [torch.func.grad(lambda t: layer(t, w, b, "tanh").sum())(x)
+             for layer in (bpext.functional.dense, native_dense)]
+    torch.testing.assert_close(grads[0], grads[1])
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        y, y_native = bpext.functional.dense(dual, w, b, "tanh"), native_dense(dual, w, b, "tanh")
+        assert "DenseFunction" in y.grad_fn.name()
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent,
+                                   torch.autograd.forward_ad.unpack_dual(y_native).tangent)

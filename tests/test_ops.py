@@ -64,6 +64,15 @@ def test_opcheck_every_op(device, requires_grad):
         torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "requires-grad"])
+def test_opcheck_the_eager_dense_op(device, requires_grad):
+    """bpext::dense, dense_forward and dense_backward tied by a C++ autograd Function (kernels/autograd.cpp)."""
+    for op, args in op_samples(device, requires_grad):
+        if op is OPS.dense_forward.default:
+            torch.library.opcheck(OPS.dense.default, args[:-1])
+
+
 @pytest.mark.parametrize("op", [op for op in bpext.OPS if not op.endswith("backward")])
 def test_every_forward_op_has_autograd(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bpext::{op}", "Autograd")
