@@ -126,8 +126,9 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& x, const at::
   const auto out_shape = with_last_dim(x.sizes(), weight.size(0));
   at::Tensor y = at::empty(out_shape, x.options());
   at::Tensor preact = return_preact ? at::empty(out_shape, x.options()) : empty0(x);
-  dense_forward_rows(backend_for(x.device().type()), act, as_rows(x), weight, bias_or_undefined(bias), rows_view(y),
-                     rows_view(return_preact ? preact : y));
+  const at::Tensor y2 = rows_view(y);  // one view, so that dense_forward_rows sees z2 is y2
+  dense_forward_rows(backend_for(x.device().type()), act, as_rows(x), weight, bias_or_undefined(bias), y2,
+                     return_preact ? rows_view(preact) : y2);
   return {y, preact};
 }
 

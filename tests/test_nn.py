@@ -126,3 +126,21 @@ def test_convert_swaps_in_place_keeping_hooks():
     assert model[0] is lin and type(lin) is bpext.nn.Dense
     model(torch.randn(2, 3))
     assert calls == ["Dense"]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "layers"])
+def test_activation_checkpointing_gives_native_gradients(use_reentrant, fuse):
+    """torch.utils.checkpoint (what gradient_checkpointing_enable() uses): forward recomputed in
+    backward, through the C++ autograd of the dense layers and the Functions of the fused ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    native = mlp().double()
+    model = bpext.convert(copy.deepcopy(native), fuse=fuse)
+    grads = []
+    for m in (model, native):
+        x = torch.randn(16, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        checkpoint(m, x, use_reentrant=use_reentrant).square().sum().backward()  # reentrant: no .grad()
+        grads.append([x.grad, *(p.grad for p in m.parameters())])
+    torch.testing.assert_close(grads[0], grads[1])

@@ -135,7 +135,8 @@ def test_gemm_epilogue_switch_round_trips():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["identity", "relu", "gelu"])
 def test_both_forward_paths_agree(device, name):
-    """The GEMM-epilogue path (cuBLASLt on CUDA) and bpext's own activation pass compute the same layer."""
+    """The GEMM-epilogue path (cuBLASLt on CUDA) and bpext's own activation pass compute the same
+    layer, and a ReLU layer with a bias does take the epilogue when it is enabled."""
     x = torch.randn(33, 64, device=device)
     w = torch.randn(48, 64, device=device)
     b = torch.randn(48, device=device)
@@ -143,7 +144,10 @@ def test_both_forward_paths_agree(device, name):
     for enabled in (True, False):
         previous = _ops.set_gemm_epilogue(enabled)
         try:
-            outs.append(bpext.functional.dense(x, w, b, activation=name))
+            with torch.profiler.profile() as profile:
+                outs.append(bpext.functional.dense(x, w, b, activation=name))
         finally:
             _ops.set_gemm_epilogue(previous)
+        epilogue = any(e.name == "aten::_addmm_activation" for e in profile.events())
+        assert epilogue == (enabled and name == "relu")
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
