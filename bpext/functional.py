@@ -731,8 +731,7 @@ def _through_ops() -> bool:
 def _plain_eager() -> bool:
     """Neither torch.func, forward-mode AD, torch.compile nor tracing: the ops whose autograd is
     in C++ (``bpext::dense``, kernels/autograd.cpp) serve, with no Python between a layer's ops."""
-    return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-                or torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0 or _through_ops())
 
 
 def _autocast(*tensors):
