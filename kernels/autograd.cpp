@@ -123,6 +123,8 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const OptionalTe
   return DenseAutograd::apply(x, weight, bias, activation, params, return_preact)[0];
 }
 
+// CompositeImplicitAutograd: one kernel above autograd for every device (and for meta and fake
+// tensors, whose dense_forward is the fake one); the Function records the graph itself.
 const bool registered = [] {
   if (!define_library()) return false;
   static torch::Library library(torch::Library::IMPL, "bpext", c10::DispatchKey::CompositeImplicitAutograd,
