@@ -8,9 +8,10 @@ composes differentiable pieces instead, so second derivatives are exact, and a t
 ``jvp`` (forward-mode AD) takes the derivative from ``activation_backward``, whose functor is
 the activation's one definition of act'. vmap batches the ops themselves (_ops.py).
 
-In plain eager mode the dense layer skips its Python Function: ``bpext::dense`` ties
-dense_forward and dense_backward with a C++ autograd Function (kernels/autograd.cpp) that
-mirrors DenseFunction, so a training step runs no Python between a layer's ops.
+In plain eager mode the dense layer and the MLP skip their Python Functions: ``bpext::dense``
+and ``bpext::mlp`` tie each one's forward and backward ops with a C++ autograd Function
+(kernels/autograd.cpp) that mirrors DenseFunction and MLPFunction, so a training step runs no
+Python between a layer's ops.
 
 A Function takes its activation as one ``ResolvedActivation`` (a pytree leaf, as torch.func
 needs); the ops take it as its name and parameter values.
@@ -730,7 +731,8 @@ def _through_ops() -> bool:
 
 def _plain_eager() -> bool:
     """Neither torch.func, forward-mode AD, torch.compile nor tracing: the ops whose autograd is
-    in C++ (``bpext::dense``, kernels/autograd.cpp) serve, with no Python between a layer's ops."""
+    in C++ (``bpext::dense``, ``bpext::mlp``: kernels/autograd.cpp) serve, with no Python between
+    a layer's ops."""
     return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0 or _through_ops())
 
 
@@ -804,7 +806,11 @@ def mlp(
             raise ValueError(f"mlp: biases[{i}] must be 1-D of size out_features ({w.shape[0]}) or None, "
                              f"got shape {list(b.shape)}")
     x, *tensors = _autocast(x, *weights, *biases)
-    n, save = len(weights), _builds_graph(x, *tensors)
+    n = len(weights)
+    if _plain_eager():
+        return ops.mlp(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
+                       output.params)
+    save = _builds_graph(x, *tensors)
     if _through_ops():
         return ops.mlp_forward(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
                                output.params, save)[0]

@@ -1,14 +1,16 @@
-// bpext::dense: a dense layer with its autograd in C++, the plain eager path. dense_forward and
-// dense_backward are tied together by a torch::autograd::Function, so an eager training step
-// runs no Python between a layer's ops (a Python autograd.Function costs some 40 us a layer,
-// forward and backward, more than a small layer's GEMMs). bpext/functional.py calls this op
-// in plain eager mode only: under torch.func, forward-mode AD, torch.compile and tracing it
-// applies DenseFunction, which this mirrors (same outputs, same saved tensors, same double
-// backward built of differentiable pieces).
+// The plain eager path of the dense layer and the MLP: bpext::dense and bpext::mlp tie each
+// layer's forward and backward ops together with a torch::autograd::Function, so an eager
+// training step runs no Python between a layer's ops (a Python autograd.Function costs some
+// 40 us a layer, forward and backward, more than a small layer's GEMMs). bpext/functional.py
+// calls these ops in plain eager mode only: under torch.func, forward-mode AD, torch.compile
+// and tracing it applies DenseFunction and MLPFunction, which these mirror (same outputs, same
+// saved tensors, same double backward built of differentiable pieces).
 #include <ATen/ATen.h>
+#include <ATen/LegacyBatchedTensorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,23 @@ const auto& dense_backward_op() {
       std::array<bool, 3>)>("bpext::dense_backward");
   return op;
 }
+const auto& mlp_forward_op() {
+  static const auto op = find_op<std::tuple<at::Tensor, std::vector<at::Tensor>>(
+      const at::Tensor&, at::TensorList, at::TensorList, c10::string_view, Params, c10::string_view, Params, bool)>(
+      "bpext::mlp_forward");
+  return op;
+}
+const auto& mlp_backward_op() {
+  static const auto op = find_op<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
+      c10::string_view, Params, c10::string_view, Params, bool)>("bpext::mlp_backward");
+  return op;
+}
+const auto& activation_forward_op() {
+  static const auto op =
+      find_op<at::Tensor(const at::Tensor&, c10::string_view, Params)>("bpext::activation_forward");
+  return op;
+}
 const auto& activation_backward_op() {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, Params)>("bpext::activation_backward");
@@ -52,6 +71,44 @@ const auto& activation_backward_op() {
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
   if (!a.defined()) return b;
   return b.defined() ? a + b : a;
+}
+
+// An activation as backward needs it, kept in the context under `key`.
+struct SavedActivation {
+  std::string name;
+  std::vector<double> params;
+
+  static void store(AutogradContext* ctx, const std::string& key, c10::string_view name, Params params) {
+    ctx->saved_data[key] = std::string(name);
+    ctx->saved_data[key + ".params"] = params.vec();
+  }
+  static SavedActivation load(AutogradContext* ctx, const std::string& key) {
+    return {ctx->saved_data[key].toStringRef(), ctx->saved_data[key + ".params"].toDoubleVector()};
+  }
+  Saves saves() const { return find_activation(name)->saves; }
+};
+
+// What an activation's derivative reads of a layer with pre-activation z and output y.
+at::Tensor read_of(Saves saves, const at::Tensor& z, const at::Tensor& y) {
+  return saves == Saves::kOutput ? y : saves == Saves::kInput ? z : at::Tensor();
+}
+
+// The differentiable pieces double backward is built of (recorded when grad mode is on).
+
+// grad * act'(s); grad itself where the activation reads nothing (s undefined)
+at::Tensor derivative(const at::Tensor& grad, const at::Tensor& s, const SavedActivation& act) {
+  return s.defined() ? activation_backward_op().call(grad, s, act.name, act.params) : grad;
+}
+
+// dz: (*, OUT), x: (*, IN), weight: (OUT, IN) -> grad_x, grad_weight, grad_bias of x @ weight.T + bias, where mask asks
+std::array<at::Tensor, 3> linear_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& weight,
+                                       std::array<bool, 3> mask) {
+  const at::Tensor dz2 = as_rows(dz);
+  std::array<at::Tensor, 3> out;
+  if (mask[0]) out[0] = at::mm(dz2, weight).reshape(with_last_dim(dz.sizes(), weight.size(1)));
+  if (mask[1]) out[1] = at::mm(dz2.t(), as_rows(x));
+  if (mask[2]) out[2] = dz2.sum(0);
+  return out;
 }
 
 struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
@@ -66,11 +123,9 @@ struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(y, preact) = dense_forward_op().call(x, weight, bias, activation, params, return_preact);
     }
-    const Saves saves = find_activation(activation)->saves;  // `dense` checked the name
     ctx->save_for_backward({weight.requires_grad() ? x : at::Tensor(), x.requires_grad() ? weight : at::Tensor(),
-                            saves == Saves::kOutput ? y : saves == Saves::kInput ? preact : at::Tensor()});
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["params"] = params.vec();
+                            read_of(find_activation(activation)->saves, preact, y)});  // `dense` checked the name
+    SavedActivation::store(ctx, "activation", activation, params);
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->set_materialize_grads(false);
     if (!return_preact) ctx->mark_non_differentiable({preact});
@@ -82,8 +137,7 @@ struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
     const at::Tensor &grad_y = grads[0], &grad_preact = grads[1];
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &s = saved[2];
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
+    const SavedActivation act = SavedActivation::load(ctx, "activation");
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // needs_input_grad counts the tensor inputs only: x, weight, and the bias when there is one
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
@@ -92,19 +146,15 @@ struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
     if (!grad_y.defined() && !grad_preact.defined()) return out;
     if (at::GradMode::is_enabled() || grad_preact.defined()) {
       // Double backward (create_graph=True), or a gradient sent into z: differentiable pieces.
-      const at::Tensor dz = sum_defined(
-          !grad_y.defined() || !s.defined() ? grad_y : activation_backward_op().call(grad_y, s, activation, params),
-          grad_preact);
-      const at::Tensor dz2 = as_rows(dz);
-      if (mask[0]) out[0] = at::mm(dz2, weight).reshape(with_last_dim(dz.sizes(), weight.size(1)));
-      if (mask[1]) out[1] = at::mm(dz2.t(), as_rows(x));
-      if (mask[2]) out[2] = dz2.sum(0);
+      const at::Tensor dz = sum_defined(grad_y.defined() ? derivative(grad_y, s, act) : grad_y, grad_preact);
+      const auto linear = linear_grads(dz, x, weight, mask);
+      std::copy(linear.begin(), linear.end(), out.begin());
       return out;
     }
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_x, grad_weight, grad_bias] = dense_backward_op().call(
         grad_y, mask[1] ? OptionalTensor(x) : std::nullopt, mask[0] ? OptionalTensor(weight) : std::nullopt,
-        s.defined() ? s : at::empty({0}, grad_y.options()), activation, params, mask);
+        s.defined() ? s : at::empty({0}, grad_y.options()), act.name, act.params, mask);
     if (mask[0]) out[0] = grad_x;
     if (mask[1]) out[1] = grad_weight;
     if (mask[2]) out[2] = grad_bias;
@@ -123,13 +173,132 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const OptionalTe
   return DenseAutograd::apply(x, weight, bias, activation, params, return_preact)[0];
 }
 
+// A bias of the mlp ops: (0) stands for none (sizes may be symbolic, under torch.compile's tracing).
+bool is_bias(const at::Tensor& bias) { return bias.sym_numel() != 0; }
+
+// The layers of an MLP as differentiable pieces (double backward, and gradcheck's legacy vmap,
+// which has no fallback for ops returning lists): grad_x, the weights' then the biases'
+// gradients, where `needs` (x, the weights, the biases) asks. Biases: undefined for none.
+variable_list stack_grads(const at::Tensor& grad_y, const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                          const std::vector<at::Tensor>& biases, const SavedActivation& hidden,
+                          const SavedActivation& output, const std::vector<bool>& needs) {
+  const size_t n = weights.size();
+  std::vector<at::Tensor> inputs{x}, reads;
+  for (size_t l = 0; l < n; ++l) {
+    const SavedActivation& act = l + 1 == n ? output : hidden;
+    const at::Tensor z = at::linear(inputs.back(), weights[l], biases[l]);
+    const at::Tensor y = activation_forward_op().call(z, act.name, act.params);
+    reads.push_back(read_of(act.saves(), z, y));
+    inputs.push_back(y);
+  }
+  variable_list out(1 + 2 * n);
+  at::Tensor g = grad_y;
+  for (size_t l = n; l-- > 0;) {
+    const at::Tensor dz = derivative(g, reads[l], l + 1 == n ? output : hidden);
+    const auto grads = linear_grads(dz, inputs[l], weights[l],
+                                    {l > 0 || needs[0], needs[1 + l], needs[1 + n + l] && biases[l].defined()});
+    g = grads[0];
+    out[1 + l] = grads[1];
+    out[1 + n + l] = grads[2];
+  }
+  if (needs[0]) out[0] = g;
+  return out;
+}
+
+struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
+  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or (0) -> y: (*, W[L]), then the kept
+  // tensors (one per layer when `save`, not differentiable). Saves x, the weights, the kept
+  // tensors and y where the last activation's derivative reads it; the biases are only
+  // remembered (backward does not read them; double backward rebuilds the layers from them).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
+                               at::TensorList biases, c10::string_view activation, Params params,
+                               c10::string_view output_activation, Params output_params, bool save) {
+    at::Tensor y;
+    std::vector<at::Tensor> kept;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(y, kept) =
+          mlp_forward_op().call(x, weights, biases, activation, params, output_activation, output_params, save);
+    }
+    variable_list to_save{x, find_activation(output_activation)->saves == Saves::kOutput ? y : at::Tensor()};
+    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    to_save.insert(to_save.end(), kept.begin(), kept.end());
+    ctx->save_for_backward(to_save);
+    std::vector<int64_t> versions;
+    for (const at::Tensor& b : biases) versions.push_back(b._version());
+    ctx->saved_data["biases"] = biases.vec();
+    ctx->saved_data["bias_versions"] = versions;
+    SavedActivation::store(ctx, "hidden", activation, params);
+    SavedActivation::store(ctx, "output", output_activation, output_params);
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable(kept);
+    variable_list outputs{y};
+    outputs.insert(outputs.end(), kept.begin(), kept.end());
+    return outputs;
+  }
+
+  // grad_y: (*, W[L]) (the kept tensors get none) -> grad_x, grad_weights, grad_biases, where needed
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const std::vector<at::Tensor> biases = ctx->saved_data["biases"].toTensorVector();
+    const size_t n = biases.size();
+    variable_list out(1 + 2 * n + 5);  // x, the weights, the biases, then 5 arguments that are not tensors
+    const at::Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &y = saved[1];
+    const std::vector<at::Tensor> weights(saved.begin() + 2, saved.begin() + 2 + n);
+    const std::vector<at::Tensor> kept(saved.begin() + 2 + n, saved.end());
+    const SavedActivation hidden = SavedActivation::load(ctx, "hidden"), output = SavedActivation::load(ctx, "output");
+    std::vector<bool> needs(1 + 2 * n);
+    for (size_t i = 0; i < needs.size(); ++i) needs[i] = ctx->needs_input_grad(i);
+    if (at::GradMode::is_enabled() || at::isBatchedTensor(grad_y)) {
+      const std::vector<int64_t> versions = ctx->saved_data["bias_versions"].toIntVector();
+      std::vector<at::Tensor> layer_biases;
+      for (size_t l = 0; l < n; ++l) {
+        TORCH_CHECK(biases[l]._version() == versions[l],
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    "operation: a bias of a bpext layer was changed after forward, and double backward "
+                    "(create_graph=True) rebuilds the layer from it");
+        layer_biases.push_back(is_bias(biases[l]) ? biases[l] : at::Tensor());
+      }
+      variable_list grads_in = stack_grads(grad_y, x, weights, layer_biases, hidden, output, needs);
+      std::copy(grads_in.begin(), grads_in.end(), out.begin());
+      return out;
+    }
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_x, grad_weights, grad_biases] =
+        mlp_backward_op().call(grad_y, x, y.defined() ? y : at::empty({0}, grad_y.options()), weights, biases, kept,
+                               hidden.name, hidden.params, output.name, output.params, needs[0]);
+    if (needs[0]) out[0] = grad_x;
+    for (size_t l = 0; l < n; ++l) {
+      if (needs[1 + l]) out[1 + l] = grad_weights[l];
+      if (needs[1 + n + l] && is_bias(biases[l])) out[1 + n + l] = grad_biases[l];
+    }
+    return out;
+  }
+};
+
+// x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or (0) for none -> y: (*, W[L])
+at::Tensor mlp(const at::Tensor& x, at::TensorList weights, at::TensorList biases, c10::string_view activation,
+               Params params, c10::string_view output_activation, Params output_params) {
+  parse_activation(activation, params, x.scalar_type(), "bpext.mlp");
+  parse_activation(output_activation, output_params, x.scalar_type(), "bpext.mlp");
+  bool requires_grad = x.requires_grad();
+  for (const at::TensorList list : {weights, biases}) {
+    for (const at::Tensor& t : list) requires_grad = requires_grad || t.requires_grad();
+  }
+  const bool save = at::GradMode::is_enabled() && requires_grad;  // keep tensors only for a graph
+  return MLPAutograd::apply(x, weights, biases, activation, params, output_activation, output_params, save)[0];
+}
+
 // CompositeImplicitAutograd: one kernel above autograd for every device (and for meta and fake
-// tensors, whose dense_forward is the fake one); the Function records the graph itself.
+// tensors, whose forward ops are the fake ones); the Function records the graph itself.
 const bool registered = [] {
   if (!define_library()) return false;
   static torch::Library library(torch::Library::IMPL, "bpext", c10::DispatchKey::CompositeImplicitAutograd,
                                 __FILE__, __LINE__);
   library.impl("dense", TORCH_FN(dense));
+  library.impl("mlp", TORCH_FN(mlp));
   return true;
 }();
 

@@ -66,6 +66,10 @@ void define_ops(torch::Library& m) {
   m.def(
       "mlp_forward(Tensor x, Tensor[] weights, Tensor[] biases, str activation, float[] params, "
       "str output_activation, float[] output_params, bool save) -> (Tensor, Tensor[])");
+  // The MLP with its autograd in C++ (kernels/autograd.cpp), the plain eager path: -> y: (*, OUT)
+  m.def(
+      "mlp(Tensor x, Tensor[] weights, Tensor[] biases, str activation, float[] params, str output_activation, "
+      "float[] output_params) -> Tensor");
   // -> grad_x: (*, W0) or (0) unless input_grad, grad_weights[l], grad_biases[l] ((0) for a layer without bias)
   m.def(
       "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor[] biases, Tensor[] saved, "

@@ -1,6 +1,6 @@
-"""Calls every bpext op (bpext.OPS, and ``dense`` with its C++ autograd) with random, mostly
-wrong, arguments: ranks 0-3, sizes 0-4, dtypes, meta tensors mixed in, None where a tensor is
-optional, lists too short or too long, inputs that need a gradient. Each call must return or
+"""Calls every bpext op (bpext.OPS, and ``dense`` and ``mlp`` with their C++ autograd) with
+random, mostly wrong, arguments: ranks 0-3, sizes 0-4, dtypes, meta tensors mixed in, None where
+a tensor is optional, lists too short or too long, inputs that need a gradient. Each call must return or
 raise a Python exception, and backward of what returned must run; a crash kills this process
 (run it in a subprocess: tests/test_robustness.py). Where a forward op returns, its outputs have
 the shapes its fake implementation predicts and its values are those of native PyTorch.
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import bpext
 
 ops = torch.ops.bpext
+EAGER_OPS = ("dense", "mlp")  # the ops with their autograd in C++ (kernels/autograd.cpp)
 
 
 def tensor(rng: random.Random, shape=None, dtype=None):
@@ -90,6 +91,11 @@ def sample(rng, op: str):
     out_act, out_params = activation(rng)
     if op == "mlp_forward":
         return (x, ws, bs, act, params, out_act, out_params, rng.random() < 0.5)
+    if op == "mlp":  # with its C++ autograd: inputs that need a gradient, sometimes
+        for t in (x, *ws, *bs):
+            if t is not None and t.is_floating_point() and rng.random() < 0.5:
+                t.requires_grad_(True)
+        return (x, ws, bs, act, params, out_act, out_params)
     saved = [related(rng, rows, b_, dtype) for b_ in widths[1:]]
     return (related(rng, rows, widths[-1], dtype), x, related(rng, rows, widths[-1], dtype), ws, bs, saved, act, params,
             out_act, out_params, rng.random() < 0.5)
@@ -140,7 +146,7 @@ def main(seed: int, calls: int) -> None:
     rng = random.Random(seed)
     counts = {"raised": 0, "returned": 0}
     for i in range(calls):
-        op = rng.choice(bpext.OPS + ("dense",))
+        op = rng.choice(bpext.OPS + EAGER_OPS)
         args = sample(rng, op)
         print(f"{i} {op}", file=sys.stderr, flush=True)  # the last line names the call that crashed
         counts[check_call(op, args)] += 1

@@ -177,3 +177,53 @@ def test_cpu_results_do_not_depend_on_thread_count():
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         assert torch.equal(a, b)
+
+
+def _python_function_mlp(x, weights, biases, hidden, output):
+    """The MLP through MLPFunction (the path torch.func and forward-mode AD take), in plain eager mode."""
+    F = bpext.functional
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
+    return F._apply(F.MLPFunction, x, resolve(hidden), resolve(output), save, *weights, *biases)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hidden,output", [("gelu", "identity"), ("relu", "sigmoid"), ("tanh", "gelu"),
+                                           ("leaky_relu", "relu"), ("identity", "identity")])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("needs", ["all", "x", "weights"])
+def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, hidden, output, bias, needs):
+    """Plain eager mode runs bpext::mlp (autograd in C++, kernels/autograd.cpp): bitwise the outputs,
+    gradients and saved tensors of MLPFunction, which torch.func and forward-mode AD apply."""
+    widths = [5, 8, 6, 3]
+    grad = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2)).to(device)
+    results = []
+    for layer in (lambda x, w, b: bpext.functional.mlp(x, w, b, hidden, output), lambda x, w, b:
+                  _python_function_mlp(x, w, b, hidden, output)):
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 4, 5, generator=g).to(device).requires_grad_(needs in ("all", "x"))
+        weights = [torch.randn(b_, a, generator=g).to(device).requires_grad_(needs in ("all", "weights"))
+                   for a, b_ in zip(widths[:-1], widths[1:])]
+        biases = [torch.randn(b_, generator=g).to(device).requires_grad_(needs == "all") if bias else None
+                  for b_ in widths[1:]]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x, weights, biases)
+        leaves = [t for t in (x, *weights, *biases) if t is not None and t.requires_grad]
+        results.append((y.grad_fn.name(), y.detach(), torch.autograd.grad(y, leaves, grad),
+                        sorted(tuple(t.shape) for t in saved)))
+    (cpp_node, *cpp), (python_node, *python) = results
+    assert "MLPAutograd" in cpp_node and "MLPFunction" in python_node
+    assert cpp[2] == python[2]  # the same tensors kept for backward
+    for a, b in zip(cpp[:2], python[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_eager_mlp_op_refuses_torch_func_which_takes_the_python_function():
+    x, w = torch.randn(3, 4, dtype=torch.float64), [torch.randn(2, 4, dtype=torch.float64)]
+    with pytest.raises(RuntimeError, match=r"C\+\+ torch::autograd::Function with functorch"):
+        torch.func.grad(lambda t: torch.ops.bpext.mlp(t, w, [torch.randn(2, dtype=torch.float64)], "tanh", [],
+                                                      "identity", []).sum())(x)
+    grads = [torch.func.grad(lambda t: fn(t).sum())(x) for fn in (
+        lambda t: bpext.functional.mlp(t, w, activation="tanh", output_activation="tanh"),
+        lambda t: torch.tanh(torch.nn.functional.linear(t, w[0])))]
+    torch.testing.assert_close(grads[0], grads[1])

@@ -66,11 +66,14 @@ def test_opcheck_every_op(device, requires_grad):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["no-grad", "requires-grad"])
-def test_opcheck_the_eager_dense_op(device, requires_grad):
-    """bpext::dense, dense_forward and dense_backward tied by a C++ autograd Function (kernels/autograd.cpp)."""
+def test_opcheck_the_eager_ops(device, requires_grad):
+    """bpext::dense and bpext::mlp: the forward and backward ops tied by a C++ autograd Function
+    (kernels/autograd.cpp), on the samples of dense_forward and mlp_forward."""
     for op, args in op_samples(device, requires_grad):
         if op is OPS.dense_forward.default:
             torch.library.opcheck(OPS.dense.default, args[:-1])
+        if op is OPS.mlp_forward.default:
+            torch.library.opcheck(OPS.mlp.default, args[:-1])
 
 
 @pytest.mark.parametrize("op", [op for op in bpext.OPS if not op.endswith("backward")])
