@@ -132,7 +132,7 @@ def test_convert_swaps_in_place_keeping_hooks():
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "layers"])
 def test_activation_checkpointing_gives_native_gradients(use_reentrant, fuse):
     """torch.utils.checkpoint (what gradient_checkpointing_enable() uses): forward recomputed in
-    backward, through the C++ autograd of the dense layers and the Functions of the fused ones."""
+    backward, through the C++ autograd of the dense layers and of the fused MLP."""
     from torch.utils.checkpoint import checkpoint
 
     torch.manual_seed(0)
