@@ -54,6 +54,25 @@ def assert_close_to_reference(actual, reference, dtype, native=None):
     assert not bad.any(), f"{int(bad.sum())} elements farther from the reference than native and the tolerance"
 
 
+def record_step(forward, inputs: tuple, grad: torch.Tensor) -> tuple:
+    """One step of forward(*inputs): (its grad_fn's name, the output, the gradients of the inputs
+    that require grad, the shapes of the tensors autograd saved)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = forward(*inputs)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    return y.grad_fn.name(), y.detach(), torch.autograd.grad(y, leaves, grad), sorted(tuple(t.shape) for t in saved)
+
+
+def assert_same_step(cpp: tuple, python: tuple, cpp_node: str, python_node: str) -> None:
+    """record_step of a C++ autograd path and of the Python Function it mirrors: bitwise the same
+    output and gradients, and the same tensors kept for backward."""
+    assert cpp_node in cpp[0] and python_node in python[0]
+    assert cpp[3] == python[3]
+    for a, b in zip(cpp[1:3], python[1:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def run_python(code: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs code in a fresh interpreter (for what could crash or abort the process)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

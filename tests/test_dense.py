@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bpext
 from bpext.activations import resolve
-from conftest import DEVICES, NON_DEFAULT_PARAMS, assert_close_to_reference, device_dtype_params
+from conftest import (DEVICES, NON_DEFAULT_PARAMS, assert_close_to_reference, assert_same_step, device_dtype_params,
+                      record_step)
 
 
 def native_dense(x, w, b, name, **params):
@@ -293,22 +294,13 @@ def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, n
     gradients and saved tensors of DenseFunction, which torch.func and forward-mode AD apply."""
     params = NON_DEFAULT_PARAMS.get(name, {})
     grad = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(2)).to(device)
-    results = []
+    records = []
     for layer in (bpext.functional.dense, _python_function_dense):
         x, w, b = make((2, 3, 5), 7, torch.float32, device, seed=1)
         for t, which in ((x, "x"), (w, "weight"), (b, "bias")):
             t.requires_grad_(needs in ("all", which))
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = layer(x, w, b, name, **params)
-        results.append((y.grad_fn.name(), y.detach(), torch.autograd.grad(y, [t for t in (x, w, b) if t.requires_grad],
-                                                                         grad),
-                        sorted(tuple(t.shape) for t in saved)))
-    (cpp_node, *cpp), (python_node, *python) = results
-    assert "DenseAutograd" in cpp_node and "DenseFunction" in python_node
-    assert cpp[2] == python[2]  # the same tensors kept for backward
-    for a, b in zip(cpp[:2], python[:2]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        records.append(record_step(lambda *t: layer(*t, name, **params), (x, w, b), grad))
+    assert_same_step(*records, "DenseAutograd", "DenseFunction")
 
 
 def test_transforms_and_forward_ad_take_the_python_function():

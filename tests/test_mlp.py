@@ -10,7 +10,8 @@ from torch import nn
 
 import bpext
 from bpext.activations import resolve
-from conftest import DEVICES, NON_DEFAULT_PARAMS, assert_close_to_reference, device_dtype_params
+from conftest import (DEVICES, NON_DEFAULT_PARAMS, assert_close_to_reference, assert_same_step, device_dtype_params,
+                      record_step)
 
 
 def native_stack(widths, hidden, output=resolve("identity"), bias=True, dtype=torch.float64, device="cpu", seed=0):
@@ -196,7 +197,7 @@ def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, h
     gradients and saved tensors of MLPFunction, which torch.func and forward-mode AD apply."""
     widths = [5, 8, 6, 3]
     grad = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2)).to(device)
-    results = []
+    records = []
     for layer in (lambda x, w, b: bpext.functional.mlp(x, w, b, hidden, output), lambda x, w, b:
                   _python_function_mlp(x, w, b, hidden, output)):
         g = torch.Generator().manual_seed(1)
@@ -205,17 +206,8 @@ def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, h
                    for a, b_ in zip(widths[:-1], widths[1:])]
         biases = [torch.randn(b_, generator=g).to(device).requires_grad_(needs == "all") if bias else None
                   for b_ in widths[1:]]
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            y = layer(x, weights, biases)
-        leaves = [t for t in (x, *weights, *biases) if t is not None and t.requires_grad]
-        results.append((y.grad_fn.name(), y.detach(), torch.autograd.grad(y, leaves, grad),
-                        sorted(tuple(t.shape) for t in saved)))
-    (cpp_node, *cpp), (python_node, *python) = results
-    assert "MLPAutograd" in cpp_node and "MLPFunction" in python_node
-    assert cpp[2] == python[2]  # the same tensors kept for backward
-    for a, b in zip(cpp[:2], python[:2]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        records.append(record_step(layer, (x, weights, biases), grad))
+    assert_same_step(*records, "MLPAutograd", "MLPFunction")
 
 
 def test_eager_mlp_op_refuses_torch_func_which_takes_the_python_function():
