@@ -16,9 +16,10 @@ $(VENV)/.build-deps:
 	$(PIP) install -q torch ninja setuptools wheel
 	touch $@
 
-# The package itself, editable, with every extra; ninja rebuilds only changed kernels.
+# The package itself, editable, with every extra; ninja rebuilds only changed kernels. A working
+# copy builds the CPU kernels for the SIMD levels this CPU runs (a wheel builds every level).
 $(VENV)/.installed: $(VENV)/.build-deps pyproject.toml $(KERNEL_SOURCES)
-	MAX_JOBS=$(JOBS) $(PIP) install -q --no-build-isolation -e ".[test,bench,demo]"
+	MAX_JOBS=$(JOBS) BPEXT_SIMD_LEVELS=$${BPEXT_SIMD_LEVELS:-native} $(PIP) install -q --no-build-isolation -e ".[test,bench,demo]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -26,8 +27,9 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m bpext demo
 
+# On every core (pytest-xdist): each test is independent of the others' order and process.
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS)
 
 # Tests marked slow (tensors past 2^31 elements: about 13 GB of memory).
 test-slow: install

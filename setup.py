@@ -2,9 +2,11 @@
 a CUDA build and nvcc is found; BPEXT_FORCE_CPU=1 turns them off) and the CPU kernels, once per
 SIMD level (bpext._cpu_default, _cpu_avx2, _cpu_avx512), of which bpext loads the one its CPU runs."""
 
+import copy
 import glob
 import os
 import platform
+import re
 import site
 import sys
 
@@ -38,27 +40,48 @@ def _nvidia_include_dirs():
 
 # The CPU kernels (kernels/cpu) are built once per SIMD level, each into a library of its own
 # whose symbols stay hidden (an inline function compiled for AVX-512 must not serve another
-# library), and bpext loads the one the CPU runs at import, as ATen picks its own kernels: one
-# build runs on any x86-64 CPU. CPU_CAPABILITY selects at::vec's implementation, as in ATen.
-_SIMD_LEVELS = {
-    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-}
+# library), and bpext loads the best one the CPU runs at import, as ATen picks its own kernels.
+# The levels and the CPU features each needs are one list, in kernels/include/bpext/cpu_levels.h.
+def _cpu_levels() -> dict[str, list[str]]:
+    """{level: the CPU features it is built for (GCC -m names)}, fastest first."""
+    with open(os.path.join(ROOT, "kernels", "include", "bpext", "cpu_levels.h")) as f:
+        text = f.read()
+    table = text[text.index("kCpuLevels"):]
+    return {name: re.findall(r'"(\w+)"', features) for name, features in re.findall(r'\{"(\w+)", \{([^}]*)\}\}', table)}
 
 
-def _simd_levels():
-    """Every level on x86-64 (BPEXT_SIMD_LEVELS=avx512,default builds only those, e.g. on a machine
-    that only needs its own), the default elsewhere."""
-    if os.environ.get("BPEXT_SIMD_LEVELS"):
-        levels = os.environ["BPEXT_SIMD_LEVELS"].lower().split(",")
-        unknown = sorted(set(levels) - set(_SIMD_LEVELS))
-        if unknown or "default" not in levels:
-            raise SystemExit(f"BPEXT_SIMD_LEVELS={os.environ['BPEXT_SIMD_LEVELS']}: levels are {', '.join(_SIMD_LEVELS)}, "
-                             "and default must be one of them (it runs where no other does)")
-        return levels
-    return list(_SIMD_LEVELS) if platform.machine().lower() in ("x86_64", "amd64") else ["default"]
+def _simd_flags(level: str, features: list[str]) -> list[str]:
+    # CPU_CAPABILITY selects at::vec's implementation, as in ATen.
+    return [f"-m{f}" for f in features] + [f"-DCPU_CAPABILITY={level.upper()}", f"-DCPU_CAPABILITY_{level.upper()}"]
+
+
+def _this_cpu_features() -> set[str] | None:
+    """The CPU features Linux reports (its names are GCC's), or None where it does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def _simd_levels(levels: dict[str, list[str]]) -> list[str]:
+    """The levels to build. Every level on x86-64 (a wheel that runs on any x86-64 CPU), the
+    default elsewhere. BPEXT_SIMD_LEVELS=native builds the levels this CPU runs (make does, for a
+    working copy: its tests run every level built); BPEXT_SIMD_LEVELS=avx2,default names them."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["default"]
+    choice = os.environ.get("BPEXT_SIMD_LEVELS", "").strip().lower()
+    if choice in ("", "all"):
+        return list(levels)
+    if choice == "native":
+        features = _this_cpu_features()
+        return [name for name, needs in levels.items() if features is None or set(needs) <= features]
+    chosen = [level.strip() for level in choice.split(",")]
+    unknown = sorted(set(chosen) - set(levels))
+    if unknown or "default" not in chosen:
+        raise SystemExit(f"BPEXT_SIMD_LEVELS={os.environ['BPEXT_SIMD_LEVELS']}: expected all, native, or levels "
+                         f"of {', '.join(levels)} with default among them (it runs where no other does)")
+    return [level for level in levels if level in chosen]
 
 
 def _sanitizer_flags():
@@ -86,14 +109,16 @@ def _extensions():
     # the same formula rounded differently in an unrolled loop and its tail (results then
     # depended on where a thread's chunk began). -Werror=switch: every enum case handled.
     warnings = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Werror=switch"]
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + warnings + _sanitizer_flags()
+    cxx = ["-std=c++20", "-O3", "-fopenmp", "-ffp-contract=off"] + warnings + _sanitizer_flags()
     link = ["-fopenmp"] + _sanitizer_flags()
     hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    levels = _cpu_levels()
     cpu_kernels = [
         cpp_extension.CppExtension(
             f"bpext._cpu_{level}", cpu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + hidden + flags}, extra_link_args=link, py_limited_api=True)
-        for level, flags in _SIMD_LEVELS.items() if level in _simd_levels()
+            extra_compile_args={"cxx": cxx + hidden + _simd_flags(level, levels[level])}, extra_link_args=link,
+            py_limited_api=True)
+        for level in _simd_levels(levels)
     ]
 
     if force_cpu:
@@ -116,20 +141,29 @@ def _extensions():
     return [cpp_extension.CUDAExtension(
         "bpext._C", sources + cuda_sources,
         include_dirs=include_dirs + _nvidia_include_dirs(),
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-std=c++20", "-O3", "-lineinfo"]},
         extra_link_args=link, py_limited_api=True,
     ), *cpu_kernels]
 
 
-def _fixed_build_folder(base):
-    class BuildInFixedFolder(base):
-        # pip install -e builds in a new temporary folder each time; a fixed one per extension
-        # lets ninja rebuild only the kernels that changed (the CPU sources compile once per level).
-        def build_extension(self, ext):
-            self.build_temp = os.path.join(ROOT, "build", "temp", ext.name)
-            super().build_extension(ext)
+def _parallel_fixed_folder_build(base):
+    class Build(base):
+        # The extensions build at once (each one's ninja runs MAX_JOBS compilers): one after
+        # another, the slowest objects of each (the CUDA kernels) would leave cores idle.
+        def finalize_options(self):
+            super().finalize_options()
+            if not self.parallel:
+                self.parallel = len(self.extensions)
 
-    return BuildInFixedFolder
+        # pip install -e builds in a new temporary folder each time; a fixed one per extension
+        # lets ninja rebuild only the kernels that changed. A copy of the command per extension,
+        # as the extensions build on threads of their own.
+        def build_extension(self, ext):
+            worker = copy.copy(self)
+            worker.build_temp = os.path.join(ROOT, "build", "temp", ext.name)
+            base.build_extension(worker, ext)
+
+    return Build
 
 
 def main():
@@ -138,7 +172,7 @@ def main():
 
     setup(
         ext_modules=extensions,
-        cmdclass={"build_ext": _fixed_build_folder(BuildExtension)},
+        cmdclass={"build_ext": _parallel_fixed_folder_build(BuildExtension)},
         options={"bdist_wheel": {"py_limited_api": "cp310"}},
     )
 

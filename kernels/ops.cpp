@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <vector>
 
 #include "bpext/backend.h"
@@ -518,7 +519,11 @@ const Backend& backend_for(c10::DeviceType device) {
   return *b;
 }
 
-void register_backend(c10::DeviceType device, const Backend* backend, torch::Library& m) {
+bool register_backend(c10::DispatchKey key, c10::DeviceType device, const Backend* backend, const char* file,
+                      uint32_t line) {
+  if (!define_library()) return false;
+  static std::vector<std::unique_ptr<torch::Library>> libraries;  // one per backend, for the process's lifetime
+  torch::Library& m = *libraries.emplace_back(std::make_unique<torch::Library>(torch::Library::IMPL, "bpext", key, file, line));
   backends()[static_cast<size_t>(device)] = backend;
   m.impl("activation_forward", TORCH_FN(activation_forward));
   m.impl("activation_backward", TORCH_FN(activation_backward));
@@ -531,6 +536,7 @@ void register_backend(c10::DeviceType device, const Backend* backend, torch::Lib
   m.impl("gated_mlp_backward", TORCH_FN(gated_mlp_backward));
   m.impl("mlp_forward", TORCH_FN(mlp_forward));
   m.impl("mlp_backward", TORCH_FN(mlp_backward));
+  return true;
 }
 
 }  // namespace bpext

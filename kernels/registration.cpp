@@ -8,6 +8,7 @@
 
 #include "bpext/backend.h"
 #include "bpext/config.h"
+#include "bpext/cpu_levels.h"
 
 namespace bpext {
 namespace {
@@ -97,7 +98,18 @@ void define_ops(torch::Library& m) {
         [](c10::string_view activation, at::ArrayRef<double> params) {
           parse_activation(activation, params, at::kDouble, "bpext");
         });
-  // Loads the CPU kernels built for one SIMD level (bpext/__init__.py picks it); which are loaded.
+  // The CPU kernels' SIMD levels (bpext/cpu_levels.h), fastest first, and what of one this CPU lacks
+  // ([] where it runs); loads the library built for one level (bpext/__init__.py picks it).
+  m.def("_cpu_levels() -> str[]", [] {
+    std::vector<std::string> names;
+    for (const CpuLevel& level : kCpuLevels) names.emplace_back(level.name);
+    return names;
+  });
+  m.def("_cpu_missing_features(str level) -> str[]", [](c10::string_view name) {
+    const CpuLevel* level = find_cpu_level(name);
+    TORCH_CHECK(level != nullptr, "bpext: no CPU level ", std::string(name));
+    return missing_cpu_features(*level);
+  });
   m.def("_load_cpu_kernels(str path) -> ()", [](c10::string_view path) { load_cpu_kernels(path); });
   m.def("_cpu_kernels() -> str", [] { return loaded_cpu_kernels(); });
   // ReLU layers with a bias finish inside the GEMM (cuBLASLt's epilogue on CUDA); returns the previous value.

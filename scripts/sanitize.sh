@@ -16,7 +16,7 @@ done
 
 cd "$COPY"
 export BPEXT_FORCE_CPU=1  # CPU kernels only; the build and the tests both read it
-BPEXT_SANITIZE=1 MAX_JOBS="${JOBS:-$(nproc)}" "$PY" setup.py -q build_ext --inplace
+BPEXT_SANITIZE=1 BPEXT_SIMD_LEVELS="${BPEXT_SIMD_LEVELS:-native}" MAX_JOBS="${JOBS:-$(nproc)}" "$PY" setup.py -q build_ext --inplace
 
 # Python and torch are not instrumented: the ASan runtime must be loaded first, with
 # libstdc++ beside it (its exception interceptors need __cxa_throw at start-up), and leak

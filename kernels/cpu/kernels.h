@@ -2,7 +2,6 @@
 // level: activation.cpp, layers.cpp and mlp.cpp, gathered into one table by backend.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
 #include "bpext/backend.h"

@@ -1,9 +1,8 @@
 // The CUDA backend: every elementwise pass as one vectorized kernel over the activation
 // functors (each thread computes in the compute type and rounds once), instantiated per
 // dtype and activation. The GEMMs around them run through cuBLAS/cuBLASLt in kernels/ops.cpp.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
 
 #include "bpext/backend.h"
 #include "elementwise.cuh"

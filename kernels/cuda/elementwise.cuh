@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 

@@ -6,10 +6,12 @@
 // input of the same shape. A new device writes these functions and one BPEXT_BACKEND line.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/core/DispatchKey.h>
 
-#include <vector>
+#include <cstdint>
+#include <string>
 
 #include "bpext/checks.h"
 #include "bpext/config.h"
@@ -77,18 +79,15 @@ const Backend& backend_for(c10::DeviceType device);
 void load_cpu_kernels(c10::string_view path);
 std::string loaded_cpu_kernels();
 
-// Registers `backend` for `device` and every op's kernel for its dispatch key (kernels/ops.cpp).
-void register_backend(c10::DeviceType device, const Backend* backend, torch::Library& m);
+// Registers `backend` for its device and every op's kernel for its dispatch key (kernels/ops.cpp);
+// false when another copy of bpext defined the library first (see define_library).
+bool register_backend(c10::DispatchKey key, c10::DeviceType device, const Backend* backend, const char* file,
+                      uint32_t line);
 
 }  // namespace bpext
 
 // In a backend's source: its dispatch key and Backend table, e.g. BPEXT_BACKEND(CPU, kCpuBackend).
-// Registers nothing when another copy of bpext defined the library first (see define_library).
-#define BPEXT_BACKEND(KEY, table)                                                                   \
-  static const bool bpext_registered_##KEY = [] {                                                   \
-    if (!::bpext::define_library()) return false;                                                  \
-    static torch::Library library(torch::Library::IMPL, "bpext", c10::DispatchKey::KEY, __FILE__, \
-                                  __LINE__);                                                        \
-    ::bpext::register_backend(c10::DeviceType::KEY, &table, library);                              \
-    return true;                                                                                    \
-  }()
+// The torch::Library lives in kernels/ops.cpp, so a backend's sources need no torch/library.h.
+#define BPEXT_BACKEND(KEY, table)                                                                           \
+  static const bool bpext_registered_##KEY =                                                              \
+      ::bpext::register_backend(c10::DispatchKey::KEY, c10::DeviceType::KEY, &table, __FILE__, __LINE__)

@@ -2,7 +2,8 @@
 // argument and what was expected.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
 
 #include <cfloat>
 #include <cmath>
