@@ -56,9 +56,43 @@ def _derivative(grad: torch.Tensor, saved: torch.Tensor | None, act: Act) -> tor
     """grad * act'(.) from the tensor the activation saves; differentiable where a graph is being built."""
     if act.saves == "nothing":
         return grad
-    if torch.is_grad_enabled():
+    if _needs_graph(grad, saved):
         return _apply(ActivationBackwardFunction, grad, saved, act)
-    return ops.activation_backward(grad, saved, act.name, act.params)
+    return _fused(ops.activation_backward, grad, saved, act.name, act.params)
+
+
+def _needs_graph(*tensors) -> bool:
+    """Whether a backward must compose its result of differentiable pieces, for a derivative of it
+    to follow: grad mode is on (create_graph=True; always under torch.func) and autograd tracks a
+    tensor the result is computed from. Under torch.func, the fused backward op serves a lone
+    grad/vjp transform whose inputs no outer autograd tracks; under vmap the pieces batch (the
+    backward ops would loop), under nested transforms they are differentiated again."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [t for t in tensors if t is not None]
+    if not torch._C._are_functorch_transforms_active():
+        return any(t.requires_grad for t in tensors)
+    stack = torch._C._functorch.get_interpreter_stack()
+    if len(stack) != 1 or stack[0].key() != torch._C._functorch.TransformType.Grad:
+        return True
+    return any(_unwrapped(t).requires_grad for t in tensors)
+
+
+def _fused(op, *args):
+    """A fused backward op, where no graph is built (_needs_graph is false): below autograd, and
+    under torch.func on the plain tensors below its wrappers (its result is a constant to the
+    transform, as nothing differentiates it further)."""
+    if torch._C._are_functorch_transforms_active():
+        args = pytree.tree_map_only(torch.Tensor, _unwrapped, args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor below torch.func's wrappers."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _save(ctx, for_backward: tuple, everything: tuple) -> None:
@@ -75,8 +109,10 @@ def _save(ctx, for_backward: tuple, everything: tuple) -> None:
 def _eager_twin(function: type[Function]) -> type[Function]:
     """Gives ``function`` an old-style twin (``forward(ctx, ...)``), which plain eager mode applies:
     torch.func needs the setup_context form, whose apply costs some 17 us more per call. Both run
-    the same forward, setup_context, backward and jvp; the twin calls the ops below autograd (its
-    own autograd is the Function's), sparing each op its registered autograd kernel."""
+    the same forward, setup_context, backward and jvp; the twin calls its forward op below autograd
+    (its own autograd is the Function's), sparing the op its registered autograd kernel. Backward
+    is the Function's own: it unpacks what was saved with autograd on (a non-reentrant checkpoint
+    recomputes the forward then, and must record what it saves), then calls its ops below autograd."""
 
     def forward(ctx, *args):
         with torch._C._AutoDispatchBelowAutograd():
@@ -84,14 +120,8 @@ def _eager_twin(function: type[Function]) -> type[Function]:
         function.setup_context(ctx, args, output)
         return output
 
-    def backward(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True: a graph of differentiable pieces
-            return function.backward(ctx, *grads)
-        with torch._C._AutoDispatchBelowAutograd():
-            return function.backward(ctx, *grads)
-
     function.eager = type(function.__name__, (Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward),
+        "forward": staticmethod(forward), "backward": staticmethod(function.backward),
         "jvp": staticmethod(function.jvp), "__module__": function.__module__, "__doc__": function.__doc__})
     return function
 
@@ -163,10 +193,10 @@ class ActivationBackwardFunction(Function):
         grad_grad_y = _derivative(grad_grad_x, saved, act) if needs[0] else None
         grad_saved = None
         if needs[1]:
-            if torch.is_grad_enabled():
+            if _needs_graph(grad_grad_x, grad_y, saved):
                 grad_saved = _apply(ActivationSecondFunction, grad_grad_x, grad_y, saved, act)[1]
             else:
-                grad_saved = ops.activation_double_backward(grad_grad_x, grad_y, saved, act.name, act.params)[1]
+                grad_saved = _fused(ops.activation_double_backward, grad_grad_x, grad_y, saved, act.name, act.params)[1]
         return grad_grad_y, grad_saved, None
 
     @staticmethod
@@ -284,12 +314,12 @@ class DenseFunction(Function):
             grad_preact = None
         if grad_y is None and grad_preact is None:
             return None, None, None, None, None
-        if torch.is_grad_enabled() or grad_preact is not None:  # double backward: a graph of the gradients
+        if grad_preact is not None or _needs_graph(grad_y, x, weight, saved):  # double backward: a graph of the gradients
             dz = _sum([None if grad_y is None else _derivative(grad_y, saved, act), grad_preact])
             return (*_linear_grads(dz, x, weight, mask), None, None)
         if saved is None:  # identity: backward reads nothing saved
             saved = grad_y.new_empty(0)
-        grads = ops.dense_backward(grad_y, x, weight, saved, act.name, act.params, mask)
+        grads = _fused(ops.dense_backward, grad_y, x, weight, saved, act.name, act.params, mask)
         return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
     @staticmethod
@@ -319,12 +349,17 @@ def _remember_unsaved(ctx, *params) -> None:
     """Biases are not saved (their backward reads none of them, and a bias edited in place
     before backward must not fail it, as natively); double backward rebuilds the layer from
     them, so it checks that they are as they were."""
-    ctx.unsaved = [(t, None if t is None else t._version) for t in params]
+    ctx.unsaved = [(t, _version_of(t)) for t in params]
+
+
+def _version_of(t: torch.Tensor | None) -> int | None:
+    """A bias's version counter; an inference tensor has none (and cannot change outside inference mode)."""
+    return None if t is None or t.is_inference() else t._version
 
 
 def _check_unchanged(ctx) -> None:
     for t, version in ctx.unsaved:
-        if t is not None and t._version != version:
+        if _version_of(t) != version:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an inplace "
                 "operation: a bias of a bpext layer was changed after forward, and double backward "
@@ -398,13 +433,13 @@ def _mlp_backward(ctx, grad_y):
     (hidden, output), needs = ctx.acts, ctx.needs
     # Composed of differentiable pieces under create_graph=True, and under the legacy vmap of
     # gradcheck's batched-gradient check, which has no fallback for ops returning lists.
-    if torch.is_grad_enabled() or torch._C._functorch.is_legacy_batchedtensor(grad_y):
+    if _needs_graph(grad_y, x, *weights, *biases) or torch._C._functorch.is_legacy_batchedtensor(grad_y):
         _check_unchanged(ctx)
         acts = [hidden] * (len(weights) - 1) + [output]
         grads = _stack_grads(grad_y, x, weights, biases, acts, needs)
         return (grads[0] if needs[0] else None), grads[1:]
     y = y if y is not None else grad_y.new_empty(0)
-    grad_x, grad_w, grad_b = ops.mlp_backward(grad_y, x, y, list(weights), _op_biases(biases, x), list(saved), hidden.name,
+    grad_x, grad_w, grad_b = _fused(ops.mlp_backward, grad_y, x, y, list(weights), _op_biases(biases, x), list(saved), hidden.name,
                                               hidden.params, output.name, output.params, needs[0])
     grads = [g if need and t is not None else None
              for g, t, need in zip([*grad_w, *grad_b], [*weights, *biases], needs[1:])]
@@ -509,12 +544,12 @@ class GatedFunction(Function):
             return (None,) * 7
         x, weight_gate, bias_gate, weight_up, bias_up, gate, up = _gated_saved(ctx)
         act, needs = ctx.act, ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if _needs_graph(grad_y, x, weight_gate, bias_gate, weight_up, bias_up):
             _check_unchanged(ctx)
             needs = [n and t is not None for n, t in zip(needs, (x, weight_gate, bias_gate, weight_up, bias_up))]
             return (*_gated_grads(grad_y, x, weight_gate, bias_gate, weight_up, bias_up, act, needs), None, None)
         mask = [needs[0], needs[1], needs[2] and bias_gate is not None, needs[3], needs[4] and bias_up is not None]
-        grads = ops.gated_backward(grad_y, x, weight_gate, weight_up, gate, up, act.name, act.params, mask)
+        grads = _fused(ops.gated_backward, grad_y, x, weight_gate, weight_up, gate, up, act.name, act.params, mask)
         return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
     @staticmethod
@@ -556,7 +591,7 @@ class GatedMLPFunction(Function):
         tensors = _gated_saved(ctx)
         x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, gate, up = tensors
         act, needs = ctx.act, ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if _needs_graph(grad_y, *tensors[:7]):
             _check_unchanged(ctx)
             needs = [n and t is not None for n, t in zip(needs, tensors[:7])]
             h = _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act)
@@ -566,7 +601,7 @@ class GatedMLPFunction(Function):
         has_bias = [t is not None for t in ctx.biases]
         mask = [needs[0], needs[1], needs[2] and has_bias[0], needs[3], needs[4] and has_bias[1], needs[5],
                 needs[6] and has_bias[2]]
-        grads = ops.gated_mlp_backward(grad_y, x, weight_gate, weight_up, weight_down, gate, up, act.name, act.params,
+        grads = _fused(ops.gated_mlp_backward, grad_y, x, weight_gate, weight_up, weight_down, gate, up, act.name, act.params,
                                        mask)
         return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
@@ -600,7 +635,7 @@ def _mlp_op_setup_context(ctx, inputs, output):
     y, saved = output
     tensors = [*weights, *_layer_biases(biases)]
     needs = ctx.needs_input_grad  # lists arrive flattened: x, the weights, the biases, ...
-    ctx.op_args, ctx.op_inputs = inputs, [x, *weights, *biases]
+    ctx.op_args = inputs
     _mlp_setup(ctx, x, tensors, resolve_by_values(activation, tuple(params)),
                resolve_by_values(output_activation, tuple(output_params)), y, saved, needs[0],
                needs[1:1 + len(tensors)])
@@ -616,12 +651,14 @@ def _per_argument(inputs: tuple, grad_of) -> tuple:
 
 
 def _mlp_op_backward(ctx, grad_y, _):
-    if grad_y is None:
-        return _per_argument(ctx.op_args, lambda t: None)
-    grad_x, grads = _mlp_backward(ctx, grad_y)
-    n = len(grads) // 2
-    by_position = dict(zip(map(id, ctx.op_inputs), [grad_x, *grads]))
-    return _per_argument(ctx.op_args, lambda t: by_position.get(id(t)))
+    """By position: x, the weights, the biases (a tensor passed twice gets each place's gradient,
+    which autograd adds up), then None for each argument that is not a tensor."""
+    out = list(_per_argument(ctx.op_args, lambda t: None))
+    if grad_y is not None:
+        grad_x, grads = _mlp_backward(ctx, grad_y)
+        n = len(ctx.biases)
+        out[:3] = grad_x, list(grads[:n]), list(grads[n:])
+    return tuple(out)
 
 
 # The backward ops are reached by autograd only when differentiated directly (opcheck; the backward

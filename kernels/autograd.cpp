@@ -168,13 +168,20 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const OptionalTe
   const Saves saves = parse_activation(activation, params, x.scalar_type(), "bpext.dense").saves();
   const bool builds_graph = at::GradMode::is_enabled() &&
                             (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  if (!builds_graph) {  // no graph to record: the forward op alone, without the pre-activation
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return std::get<0>(dense_forward_op().call(x, weight, bias, activation, params, false));
+  }
   // z is kept (and returned, for double backward) only where backward reads it
-  const bool return_preact = builds_graph && saves == Saves::kInput;
-  return DenseAutograd::apply(x, weight, bias, activation, params, return_preact)[0];
+  return DenseAutograd::apply(x, weight, bias, activation, params, saves == Saves::kInput)[0];
 }
 
 // A bias of the mlp ops: (0) stands for none (sizes may be symbolic, under torch.compile's tracing).
 bool is_bias(const at::Tensor& bias) { return bias.sym_numel() != 0; }
+
+// A bias's version counter, which double backward checks; an inference tensor has none (and
+// cannot be changed in place outside inference mode), nor has the (0) that stands for no bias.
+int64_t version_of(const at::Tensor& bias) { return bias.is_inference() || !is_bias(bias) ? -1 : bias._version(); }
 
 // The layers of an MLP as differentiable pieces (double backward, and gradcheck's legacy vmap,
 // which has no fallback for ops returning lists): grad_x, the weights' then the biases'
@@ -225,7 +232,7 @@ struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
     to_save.insert(to_save.end(), kept.begin(), kept.end());
     ctx->save_for_backward(to_save);
     std::vector<int64_t> versions;
-    for (const at::Tensor& b : biases) versions.push_back(b._version());
+    for (const at::Tensor& b : biases) versions.push_back(version_of(b));
     ctx->saved_data["biases"] = biases.vec();
     ctx->saved_data["bias_versions"] = versions;
     SavedActivation::store(ctx, "hidden", activation, params);
@@ -255,7 +262,7 @@ struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
       const std::vector<int64_t> versions = ctx->saved_data["bias_versions"].toIntVector();
       std::vector<at::Tensor> layer_biases;
       for (size_t l = 0; l < n; ++l) {
-        TORCH_CHECK(biases[l]._version() == versions[l],
+        TORCH_CHECK(version_of(biases[l]) == versions[l],
                     "one of the variables needed for gradient computation has been modified by an inplace "
                     "operation: a bias of a bpext layer was changed after forward, and double backward "
                     "(create_graph=True) rebuilds the layer from it");
@@ -287,8 +294,12 @@ at::Tensor mlp(const at::Tensor& x, at::TensorList weights, at::TensorList biase
   for (const at::TensorList list : {weights, biases}) {
     for (const at::Tensor& t : list) requires_grad = requires_grad || t.requires_grad();
   }
-  const bool save = at::GradMode::is_enabled() && requires_grad;  // keep tensors only for a graph
-  return MLPAutograd::apply(x, weights, biases, activation, params, output_activation, output_params, save)[0];
+  if (!(at::GradMode::is_enabled() && requires_grad)) {  // no graph to record: the forward op alone, keeping nothing
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return std::get<0>(
+        mlp_forward_op().call(x, weights, biases, activation, params, output_activation, output_params, false));
+  }
+  return MLPAutograd::apply(x, weights, biases, activation, params, output_activation, output_params, true)[0];
 }
 
 // CompositeImplicitAutograd: one kernel above autograd for every device (and for meta and fake

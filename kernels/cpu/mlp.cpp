@@ -24,10 +24,12 @@ constexpr int64_t kMaxFusedWidth = 256;
 constexpr int64_t kBlockRows = 64;
 constexpr int64_t kMaxChunks = 64;
 
+// A layer of width 0 goes layer by layer too: its products over nothing are the GEMMs' zeros
+// there (the fused loops would skip writing what flows through it, e.g. grad_x).
 bool fusable(const at::Tensor& x, at::TensorList weights) {
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
   return std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
-    return w.size(0) <= kMaxFusedWidth && w.size(1) <= kMaxFusedWidth;
+    return w.size(0) > 0 && w.size(1) > 0 && w.size(0) <= kMaxFusedWidth && w.size(1) <= kMaxFusedWidth;
   });
 }
 

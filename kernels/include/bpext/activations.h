@@ -276,15 +276,17 @@ template <class M>
 struct SwishOf {
   using V = typename M::V;
   BPEXT_HD static V forward(V z, V k) { return z * Act<Activation::kSigmoid, M>::forward(k * z, {}); }
-  // d/dz z*s(kz) = s * (1 + kz*(1 - s))
+  // d/dz z*s(kz) = s * (1 + kz*(1 - s)); where s (1 - s) underflows (kz may be inf there), just s:
+  // 1 at the top of the range, 0 at the bottom.
   BPEXT_HD static V derivative(V z, V k) {
     const Logistic<M> l(k * z);
-    return l.s * M::fma(k * z, l.sc, M::c(1));
+    return M::select(M::gt(l.q(), M::c(0)), l.s * M::fma(k * z, l.sc, M::c(1)), l.s);
   }
-  // k s (1 - s) (2 + kz (1 - 2s))
+  // k s (1 - s) (2 + kz (1 - 2s)); 0 where s (1 - s) underflows
   BPEXT_HD static V second(V z, V k) {
     const Logistic<M> l(k * z);
-    return k * l.q() * M::fma(k * z, l.sc - l.s, M::c(2));
+    const V q = l.q();
+    return M::select(M::gt(q, M::c(0)), k * q * M::fma(k * z, l.sc - l.s, M::c(2)), M::c(0));
   }
 };
 

@@ -1,0 +1,300 @@
+"""Every autograd path gives native's answer: a weight or bias used twice, non-reentrant and
+reentrant checkpointing, torch.func running the fused backward ops, inference mode, zero-width
+layers and non-finite inputs. Each case against the same computation done natively through the
+same path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad
+from torch.profiler import ProfilerActivity, profile
+
+import bpext
+
+B = bpext.functional
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors, allow_unused=True)
+
+
+def _shared():
+    """A weight and a bias used by two layers (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 4, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 4, dtype=torch.float64, generator=g).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
+    return x, w, b
+
+
+def _native_twice(x, w, b):
+    return F.linear(torch.tanh(F.linear(x, w, b)), w, b)
+
+
+# ---- a tensor passed in several places ------------------------------------------------------
+
+SHARED_CALLS = {
+    "mlp_forward op": lambda x, w, b: torch.ops.bpext.mlp_forward(x, [w, w], [b, b], "tanh", [], "identity", [], True)[0],
+    "functional.mlp": lambda x, w, b: B.mlp(x, [w, w], [b, b], "tanh"),
+    "dense twice": lambda x, w, b: B.dense(B.dense(x, w, b, "tanh"), w, b),
+}
+
+
+@pytest.mark.parametrize("call", SHARED_CALLS.values(), ids=SHARED_CALLS.keys())
+def test_a_weight_and_bias_used_twice_in_eager(call):
+    x, w, b = _shared()
+    for ours, ref in zip(_grads(call(x, w, b).sum(), [w, b]), _grads(_native_twice(x, w, b).sum(), [w, b])):
+        torch.testing.assert_close(ours, ref)
+
+
+def _shared_model():
+    lin = nn.Linear(4, 4, dtype=torch.float64)
+    return nn.Sequential(lin, nn.Tanh(), lin)
+
+
+@pytest.mark.parametrize("path", ["eager", "compile", "export", "torch.func"])
+def test_a_linear_used_twice_in_a_converted_model(path):
+    """nn.Sequential(lin, Tanh, lin) with one Linear in both places, fused into one mlp op."""
+    torch.manual_seed(0)
+    native = _shared_model()
+    ours = bpext.convert(copy.deepcopy(native))
+    assert bpext.fusions(ours)  # the shared pair is fused: the case under test
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def run(model):
+        if path == "torch.func":
+            params = dict(model.named_parameters())
+            return grad(lambda p: functional_call(model, p, (x,)).square().sum())(params)
+        if path == "compile":
+            torch._dynamo.reset()
+            model = torch.compile(model, backend="aot_eager", fullgraph=True)
+        elif path == "export":  # below a plain root module
+            model = torch.export.export(nn.Sequential(model), (x,)).module()
+        names, params = zip(*model.named_parameters())
+        return dict(zip(names, _grads(model(x).square().sum(), params)))
+
+    ours_grads, native_grads = run(ours), run(native)
+    assert ours_grads.keys() == native_grads.keys()
+    for name in native_grads:
+        torch.testing.assert_close(ours_grads[name], native_grads[name])
+
+
+def test_gate_and_up_weights_that_are_one_tensor():
+    x, w, b = _shared()
+    for fn, ref in ((lambda: B.gated(x, w, w, b, b, "silu"), lambda: F.silu(F.linear(x, w, b)) * F.linear(x, w, b)),
+                    (lambda: B.gated_mlp(x, w, w, w, b, b, b, "gelu"),
+                     lambda: F.linear(F.gelu(F.linear(x, w, b)) * F.linear(x, w, b), w, b))):
+        for ours, native in zip(_grads(fn().sum(), [w, b]), _grads(ref().sum(), [w, b])):
+            torch.testing.assert_close(ours, native)
+
+
+# ---- activation checkpointing -----------------------------------------------------------------
+
+
+class GatedBlock(nn.Module):
+    """LLaMA's MLP as transformers writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GatedOnly(GatedBlock):
+    def forward(self, x):
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
+
+CHECKPOINTED = {
+    "activation": lambda: nn.Sequential(nn.LayerNorm(8), nn.SiLU()),
+    "dense": lambda: nn.Sequential(nn.Linear(8, 8), nn.GELU()),
+    "mlp": lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)),
+    "gated": GatedOnly,
+    "gated_mlp": GatedBlock,
+    "shared weight": lambda: (lambda lin: nn.Sequential(nn.LayerNorm(8), lin, nn.Tanh(), lin))(nn.Linear(8, 8)),
+}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("make", CHECKPOINTED.values(), ids=CHECKPOINTED.keys())
+def test_activation_checkpointing_equals_native(make, reentrant):
+    torch.manual_seed(0)
+    native = make()
+    ours = bpext.convert(copy.deepcopy(native))
+    x = torch.randn(3, 5, 8)
+    results = []
+    for model in (native, ours):
+        xi = x.clone().requires_grad_()
+        y = torch.utils.checkpoint.checkpoint(model, xi, use_reentrant=reentrant)
+        y.square().sum().backward()  # the reentrant form takes no torch.autograd.grad
+        results.append((y, xi.grad, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_transformers_gradient_checkpointing_of_a_converted_llama():
+    """gradient_checkpointing_enable() (non-reentrant, transformers' default) on a converted LLaMA."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    native = transformers.LlamaForCausalLM(config)
+    ours = bpext.convert(copy.deepcopy(native))
+    assert any("gated_mlp" in f for fs in bpext.fusions(ours).values() for f in fs)
+    ids = torch.randint(0, 64, (2, 10))
+    losses = []
+    for model in (native, ours):
+        model.train()
+        model.gradient_checkpointing_enable()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+
+
+# ---- torch.func runs the fused backward ops -------------------------------------------------------
+
+FUSED = {
+    "activation_backward": (lambda x, w: B.activation(x @ w, "gelu"), 2),
+    "dense_backward": (lambda x, w: B.dense(x, w, None, "gelu"), 2),
+    "mlp_backward": (lambda x, w: B.mlp(x, [w, w], None, "gelu"), 2),
+    "gated_backward": (lambda x, w: B.gated(x, w, w, activation="silu"), 2),
+    "gated_mlp_backward": (lambda x, w: B.gated_mlp(x, w, w, w, activation="silu"), 2),
+}
+
+
+@pytest.mark.parametrize("op", FUSED, ids=FUSED.keys())
+def test_torch_func_grad_runs_the_fused_backward_op(op):
+    fn, _ = FUSED[op]
+    x, w = torch.randn(6, 4), torch.randn(4, 4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours = grad(lambda w: fn(x, w).square().sum())(w)
+    assert f"bpext::{op}" in {e.name for e in prof.events()}
+    wn = w.clone().requires_grad_()
+    expected = torch.autograd.grad(fn(x, wn).square().sum(), wn)[0]
+    torch.testing.assert_close(ours, expected)
+
+
+def test_nested_transforms_still_compose_differentiable_pieces():
+    """grad of grad and vmap of grad need the differentiable form; they equal native."""
+    x, w = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    ours = lambda w: B.dense(x, w, None, "gelu").sum()  # noqa: E731
+    native = lambda w: F.gelu(F.linear(x, w)).sum()  # noqa: E731
+    torch.testing.assert_close(grad(lambda v: grad(ours)(v).sum())(w), grad(lambda v: grad(native)(v).sum())(w))
+    ws = torch.randn(2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(grad(ours))(ws), torch.func.vmap(grad(native))(ws))
+
+
+# ---- inference mode ---------------------------------------------------------------------------
+
+
+INFERENCE = {
+    "mlp without bias": lambda: bpext.nn.MLP(4, [6], 3, bias=False),
+    "mlp": lambda: bpext.nn.MLP(4, [6], 3),
+    "dense": lambda: bpext.nn.Dense(4, 3, activation="gelu"),
+    "gated_mlp without bias": lambda: bpext.nn.GatedMLP(4, 6, bias=False),
+    "converted stack without bias": lambda: bpext.convert(
+        nn.Sequential(nn.Linear(4, 6, bias=False), nn.GELU(), nn.Linear(6, 3, bias=False))),
+}
+
+
+@pytest.mark.parametrize("make", INFERENCE.values(), ids=INFERENCE.keys())
+def test_inference_mode_equals_no_grad(make):
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 5, 4)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        got = model(x)
+    assert got.is_inference()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_inference_tensor_bias_in_a_training_forward():
+    """A bias made in inference mode (no version counter) in a forward that records a graph."""
+    with torch.inference_mode():
+        b = torch.randn(6)
+    x, w1, w2 = torch.randn(3, 4, requires_grad=True), torch.randn(6, 4), torch.randn(2, 6)
+    y = B.mlp(x, [w1, w2], [b, None], "gelu")
+    (gx,) = _grads(y.sum(), [x])
+    xn = x.detach().requires_grad_()
+    torch.testing.assert_close(gx, _grads(F.linear(F.gelu(F.linear(xn, w1, b)), w2).sum(), [xn])[0])
+
+
+# ---- zero-width layers, non-finite inputs --------------------------------------------------------
+
+
+@pytest.fixture
+def deterministic():
+    """torch.empty fills new memory with NaN."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+@pytest.mark.parametrize("widths", [(3, 5, 0), (3, 0, 4), (0, 5, 2)], ids=str)
+def test_zero_width_layers_give_zero_gradients(widths, deterministic):
+    """Uninitialized memory is NaN here (deterministic mode): a gradient not written shows."""
+    w_in, w_hid, w_out = widths
+    x = torch.randn(2, w_in, requires_grad=True)
+    ws = [torch.randn(w_hid, w_in, requires_grad=True), torch.randn(w_out, w_hid, requires_grad=True)]
+    bs = [torch.randn(w_hid, requires_grad=True), torch.randn(w_out, requires_grad=True)]
+    ours = _grads(B.mlp(x, ws, bs, "gelu").sum(), [x, *ws, *bs])
+    native = _grads(F.linear(F.gelu(F.linear(x, ws[0], bs[0])), ws[1], bs[1]).sum(), [x, *ws, *bs])
+    for a, b, t in zip(ours, native, [x, *ws, *bs]):
+        if a is None:  # a bias of width 0 is the mlp ops' "no bias": no gradient, where native's is empty
+            assert t.numel() == 0 and b.numel() == 0
+            continue
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("widths", [(3, 5, 0), (3, 0, 4)], ids=str)
+def test_mlp_backward_op_writes_every_gradient_past_a_zero_width_layer(widths, deterministic):
+    w_in, w_hid, w_out = widths
+    x = torch.randn(4, w_in, dtype=torch.float64)
+    ws = [torch.randn(w_hid, w_in, dtype=torch.float64), torch.randn(w_out, w_hid, dtype=torch.float64)]
+    bs = [torch.empty(0, dtype=torch.float64)] * 2
+    y, saved = torch.ops.bpext.mlp_forward(x, ws, bs, "gelu", [], "identity", [], True)
+    grad_y = torch.randn_like(y)
+    grad_x, grad_w, _ = torch.ops.bpext.mlp_backward(grad_y, x, y, ws, bs, saved, "gelu", [], "identity", [], True)
+    xn, wn = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
+    expected = torch.autograd.grad(F.linear(F.gelu(F.linear(xn, wn[0])), wn[1]), [xn, *wn], grad_y)
+    torch.testing.assert_close([grad_x, *grad_w], list(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["silu", "quick_gelu"])
+def test_swish_derivatives_at_the_ends_of_the_range_are_their_limits(name, dtype):
+    """z * sigmoid(k z) at +-max (k z overflows): derivative 1 and 0, second derivative 0, not NaN."""
+    big = torch.finfo(dtype).max
+    x = torch.tensor([big, -big, float("inf"), -float("inf")], dtype=dtype, requires_grad=True)
+    (g,) = torch.autograd.grad(B.activation(x, name).sum(), x, create_graph=True)
+    assert g.tolist() == [1.0, 0.0, 1.0, 0.0]
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert gg.tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name,params", [("elu", {"alpha": 0.5}), ("elu", {}), ("hardswish", {})])
+def test_gradient_at_nan_is_nan_whatever_the_length(name, params):
+    """Native's ELU and hardswish derivatives at NaN are 1 for a tensor of a few elements (its scalar
+    loop) and NaN for a longer one (its vectorized loop). bpext's is NaN at every length and position;
+    at +-inf and +-max it equals native's."""
+    big = torch.finfo(torch.float32).max
+    act = bpext.resolve(name, **params)
+    for n in (5, 64, 67):
+        x = torch.tensor([-float("inf"), float("inf"), float("nan"), -big, big]).repeat(14)[:n].requires_grad_()
+        (ours,) = torch.autograd.grad(B.activation(x, act).sum(), x)
+        xn = x.detach().requires_grad_()
+        (native,) = torch.autograd.grad(act.reference(xn).sum(), xn)
+        nan = x.detach().isnan()
+        assert ours[nan].isnan().all()
+        torch.testing.assert_close(ours[~nan], native[~nan])
