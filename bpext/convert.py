@@ -8,14 +8,12 @@ the layer patterns it computes are rewritten into fused bpext calls:
 * ``L1 -> act -> L2 [-> ...]``     -> one ``mlp`` op        (transformer and timm MLPs)
 * ``L -> act``                     -> one ``dense`` op      (BERT/ViT intermediate layers)
 
-where a Linear is an ``nn.Linear`` or any module that computes one (GPT-2's ``Conv1D``:
-its stored-transposed weight is passed as a view, never copied), an activation is anything
-computing one of bpext's (torch.nn and torch.nn.functional activations, and modules from
-other libraries, recognised by evaluating them), and dropout that is off (eval mode or
-p = 0) and ``nn.Identity`` may sit between them. The submodule keeps its class, its
-children, its parameters and so its state-dict keys and hooks: only its forward is
-replaced, per train/eval state (dropout that is active in training stays, and breaks the
-chain there). A module with hooks is not fused away (its hooks keep running).
+where Linears and activations are recognised by certainty (bpext/recognition.py), and dropout
+that is off (eval mode or p = 0) and ``nn.Identity`` may sit between them. The submodule keeps
+its class, children, parameters, state-dict keys and hooks: only its forward is replaced, per
+train/eval state, and each call checks what the rewrite assumed of the module (_Assumed), running
+the class's forward where that no longer holds. A forward whose effects a trace does not record
+(attributes set, buffers updated, the grad mode changed) is not rewritten.
 
 Then every remaining ``nn.Linear`` becomes a ``bpext.nn.Dense`` and every torch.nn
 activation module its bpext twin, in place (same object: parameters, hooks and optimizers
@@ -24,9 +22,14 @@ are unaffected).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import importlib
 import inspect
 import operator
+import pickle
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -34,8 +37,9 @@ import torch
 from torch import fx, nn
 
 from . import functional as F
-from .activations import REGISTRY, ResolvedActivation, resolve, resolve_by_values
+from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
+from .recognition import _leaves, activation_of_node, linear_of_module
 
 __all__ = ["convert", "fusions"]
 
@@ -52,6 +56,10 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
             _fuse_module(module, name)
     for module in list(model.modules()):
         _swap_in_place(module)
+    for module in model.modules():  # the rewrites assume the model as convert leaves it
+        fused = _fused_forward(module)
+        for rewrite in fused.rewrites.values() if fused is not None else ():
+            rewrite.assumed = _Assumed.of(module, rewrite.fused, rewrite.groups)
     return model
 
 
@@ -60,8 +68,8 @@ def fusions(model: nn.Module) -> dict[str, list[str]]:
     (the patterns of the module's current train/eval state)."""
     out = {}
     for name, module in model.named_modules():
-        fused = module.__dict__.get("forward")
-        if isinstance(fused, FusedForward):
+        fused = _fused_forward(module)
+        if fused is not None:
             found = fused.descriptions()
             if found:
                 out[name] = found
@@ -75,46 +83,17 @@ def _swap_in_place(module: nn.Module) -> None:
     if type(module) is nn.Linear:
         module.__class__ = Dense
         module.activation = resolve("identity")
-    elif type(module) in TWINS and activation_of(module) is not None:
+    elif type(module) in TWINS and activation_of(module) is not None and not getattr(module, "inplace", False):
+        # (an in-place activation stays torch's: code may rely on its write into the input)
         module.__class__ = TWINS[type(module)]
 
 
-# ---- recognising layers ------------------------------------------------------------------------
-
-# Values an activation is evaluated at to recognise it: both signs, the kinks, the tails.
-_PROBE = torch.cat([torch.linspace(-12, 12, 97, dtype=torch.float64),
-                    torch.tensor([-30.0, -0.5, -1e-3, 0.0, 1e-3, 0.5, 30.0], dtype=torch.float64)]).reshape(8, 13)
+# ---- recognising layers (bpext/recognition.py) ----------------------------------------------
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
-
-
-def _matches(out, expected) -> bool:
-    return (isinstance(out, torch.Tensor) and out.shape == expected.shape and out.dtype == expected.dtype
-            and torch.allclose(out, expected, rtol=1e-10, atol=1e-12, equal_nan=True))
-
-
-def _probe(fn, bound: dict | None = None) -> ResolvedActivation | None:
-    """The activation fn computes (checked on _PROBE), or None. ``bound``: the call's arguments
-    by name, where parameters of a parametrised activation can be read."""
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            out = fn(_PROBE.clone())
-    except Exception:  # anything that is not an activation of one tensor
-        return None
-    for spec in REGISTRY.values():
-        if spec.name == "identity":
-            continue
-        try:
-            act = resolve(spec.name, **{p.name: bound[p.name] for p in spec.params}) if spec.params else resolve(spec.name)
-        except (KeyError, TypeError, ValueError):
-            continue
-        if _matches(out, act.reference(_PROBE)):
-            return act
-    return None
 
 
 @dataclass(frozen=True)
@@ -126,58 +105,8 @@ class _Linear:
 def _linear_of(root: nn.Module, node: fx.Node) -> _Linear | None:
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return None
-    module = root.get_submodule(node.target)
-    if type(module) is nn.Linear or (type(module) is Dense and module.activation.name == "identity"):
-        return _Linear(node.target, False)
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not list(module.children())
-            and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == weight.shape[1:]))):
-        probe = torch.randn(3, weight.shape[0], dtype=weight.dtype, device=weight.device,
-                            generator=torch.Generator(weight.device).manual_seed(0))
-        with torch.no_grad():
-            try:
-                out = module(probe)
-            except Exception:
-                return None
-            if _matches(out, torch.nn.functional.linear(probe, weight.t(), bias)):
-                return _Linear(node.target, True)
-    return None
-
-
-def _activation_of_node(root: nn.Module, node: fx.Node) -> ResolvedActivation | None:
-    """The activation a node applies to its first argument (all other arguments constant)."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    if any(isinstance(a, fx.Node) for a in _leaves((node.args[1:], node.kwargs))):
-        return None
-    if node.op == "call_module":
-        module = root.get_submodule(node.target)
-        if len(node.args) != 1 or node.kwargs:
-            return None
-        known = activation_of(module)
-        if known is not None:
-            return known
-        if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
-            return None
-        return _probe(module)
-    args, kwargs = node.args[1:], dict(node.kwargs)
-    if node.op == "call_method":
-        return _probe(lambda t: getattr(t, node.target)(*args, **kwargs))
-    if node.op == "call_function" and getattr(node.target, "__module__", "").startswith("torch"):
-        try:
-            bound = inspect.signature(node.target).bind(_PROBE, *args, **kwargs)
-            bound.apply_defaults()
-            bound = dict(bound.arguments)
-        except (TypeError, ValueError):
-            bound = None
-        return _probe(lambda t: node.target(t, *args, **kwargs), bound)
-    return None
-
-
-def _leaves(args):
-    out = []
-    fx.node.map_aggregate(args, out.append)
-    return out
+    transposed = linear_of_module(root.get_submodule(node.target))
+    return None if transposed is None else _Linear(node.target, transposed)
 
 
 def _single_user(node: fx.Node) -> fx.Node | None:
@@ -231,6 +160,8 @@ class _Rewriter:
         self.root, self.graph = root, graph
         self.found: list[str] = []
         self.hooked: set[str] = set()  # children a pattern would have fused, but whose hooks must run
+        self.fused: set[str] = set()  # the children the patterns fused (their calls are gone)
+        self.groups: list[tuple[str, ...]] = []  # each pattern's Linears, which must share one dtype
 
     def run(self) -> list[str]:
         for match in (self._gated, self._chain):  # gated first: its gate is also the start of a chain
@@ -242,6 +173,16 @@ class _Rewriter:
         return self.found
 
     def _replace(self, last: fx.Node, dead: list[fx.Node], fn, args: tuple, description: str) -> set[fx.Node]:
+        linears = tuple(a.target for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr")
+        if not _one_dtype(self.root, linears):
+            # Layers of several dtypes: a cast between them (T5 keeps wo in float32) may hide behind a
+            # test that tracing cannot see; the module's own forward runs them.
+            for ref in [a for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr"]:
+                if not ref.users:
+                    self.graph.erase_node(ref)
+            return set()
+        self.fused.update(n.target for n in dead if n.op == "call_module")
+        self.groups.append(linears)
         with self.graph.inserting_before(last):
             new = self.graph.call_function(fn, args)
         last.replace_all_uses_with(new)
@@ -267,7 +208,7 @@ class _Rewriter:
         return _linear_of(self.root, node) if self._unhooked(node) else None
 
     def _activation(self, node: fx.Node | None) -> ResolvedActivation | None:
-        return _activation_of_node(self.root, node) if self._unhooked(node) else None
+        return activation_of_node(self.root, node) if self._unhooked(node) else None
 
     def _next_after(self, node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
         """The single user of node after pass-through modules (dropout that is off, nn.Identity), and those."""
@@ -362,11 +303,10 @@ class _ChildrenAsLeaves(fx.Tracer):
         return m is not self.root_module
 
 
-def _compile_graph(graph: fx.Graph):
-    """The Python function of a graph, taking the module as ``self``."""
-    code = graph.python_code(root_module="self")
-    namespace = dict(code.globals)
-    exec(compile(code.src, "<bpext fused forward>", "exec"), namespace)  # noqa: S102 - code generated by torch.fx
+def _compile(src: str, globals_: dict):
+    """The forward function of a rewritten graph's source, taking the module as ``self``."""
+    namespace = dict(globals_)
+    exec(compile(src, "<bpext fused forward>", "exec"), namespace)  # noqa: S102 - code generated by torch.fx
     return namespace["forward"]
 
 
@@ -376,65 +316,299 @@ def _train_state(module: nn.Module) -> tuple:
     return (module.training, *(d.training and d.p > 0 for d in dropouts))
 
 
-def _rewrite(module: nn.Module, training: bool):
-    """(state, function, descriptions, hooked children) of module's forward rewritten in train or
-    eval mode; None where fx cannot trace it."""
+def _one_dtype(root: nn.Module, linears) -> bool:
+    weights = [root.get_submodule(t).weight for t in linears]
+    return all(w.dtype == weights[0].dtype for w in weights)
+
+
+# ---- what a rewrite assumed, checked on every call -------------------------------------------
+
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, h) for h in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _attributes(module: nn.Module) -> tuple:
+    """A module's own attributes (its configuration: what a traced forward takes as constants),
+    beside its parameters, buffers, children and train flag: (name, value) pairs, plain values
+    compared by equality, other objects by identity."""
+    return tuple((k, v) for k, v in module.__dict__.items() if k[0] != "_" and k not in ("training", "forward"))
+
+
+def _same_attributes(module: nn.Module, expected: tuple) -> bool:
+    d = module.__dict__
+    for k, v in expected:
+        now = d.get(k, _MISSING)
+        if now is not v and not (type(v) in _PLAIN and type(now) is type(v) and now == v):
+            return False
+    return True
+
+
+_MISSING = object()
+
+
+@dataclass
+class _Assumed:
+    """What a rewrite of ``module`` assumed: the class's forward it was traced from; the module's
+    attributes and children (the same objects); each fused child's class, attributes and that it
+    has no hooks; no global module hooks; and one dtype per fused pattern. holds() runs on every
+    call: plain loops, no allocation."""
+
+    forward: object
+    attributes: tuple
+    children: tuple
+    fused: tuple  # (name, child, its class, its attributes)
+    groups: tuple  # (Linear, ...) per pattern
+
+    @staticmethod
+    def of(module: nn.Module, fused: tuple, groups: tuple) -> "_Assumed":
+        return _Assumed(type(module).forward, _attributes(module), tuple(module._modules.items()),
+                        tuple((t, c, type(c), _attributes(c)) for t, c in ((t, module.get_submodule(t)) for t in fused)),
+                        tuple(tuple(module.get_submodule(t) for t in g) for g in groups))
+
+    def holds(self, module: nn.Module) -> bool:
+        for hooks in _GLOBAL_HOOKS:
+            if hooks:
+                return False
+        children = module._modules
+        if type(module).forward is not self.forward or len(children) != len(self.children):
+            return False
+        for name, child in self.children:
+            if children.get(name) is not child:
+                return False
+        if not _same_attributes(module, self.attributes):
+            return False
+        for _, child, cls, attributes in self.fused:
+            if (type(child) is not cls or child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
+                    or child._backward_pre_hooks or not _same_attributes(child, attributes)):
+                return False
+        for group in self.groups:
+            dtype = group[0].weight.dtype
+            for linear in group:
+                if linear.weight.dtype != dtype:
+                    return False
+        return True
+
+    def changes(self, module: nn.Module) -> str:
+        """What no longer holds, for the warning."""
+        if type(module).forward is not self.forward:
+            return "its class's forward"
+        if any(_GLOBAL_HOOKS):
+            return "global module hooks"
+        names = [n for n, c in self.children if module._modules.get(n) is not c] + sorted(
+            set(module._modules) - {n for n, _ in self.children})
+        if names:
+            return f"its children {', '.join(names)}"
+        if not _same_attributes(module, self.attributes):
+            return "its attributes"
+        for name, child, cls, attributes in self.fused:
+            if type(child) is not cls:
+                return f"the class of {name}"
+            if _has_hooks(child):
+                return f"the hooks of {name}"
+            if not _same_attributes(child, attributes):
+                return f"the attributes of {name}"
+        return "the dtypes of the layers it fuses"
+
+
+# ---- building rewrites -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _grad_mode_changes(found: list):
+    """Records grad-mode changes (torch.no_grad(), enable_grad(), set_grad_enabled()) made while
+    tracing: fx records none of them, so a forward that makes them cannot be rewritten."""
+    real = torch._C._set_grad_enabled
+
+    def spy(mode):
+        found.append(mode)
+        return real(mode)
+
+    torch._C._set_grad_enabled = spy
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled = real
+
+
+def _state_of(modules) -> list:
+    """What tracing a forward could change of these modules: each one's own dictionaries, the
+    version counters of its tensors, and a copy of its buffers (tracing runs code on the real
+    buffers: an update in place there is not recorded, and must be undone)."""
+    return [(m, (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)),
+             {k: t._version for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None},
+             {k: t.detach().clone() for k, t in m._buffers.items() if t is not None}) for m in modules]
+
+
+def _changed_and_restore(state: list) -> list[str]:
+    """Restores what changed since _state_of, and says where (a forward with side effects)."""
+    changed = []
+    for m, dicts, versions, buffers in state:
+        for now, before in zip((m.__dict__, m._parameters, m._buffers, m._modules), dicts):
+            if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                changed.append(type(m).__name__)
+                now.clear()
+                now.update(before)
+        tensors = {**m._parameters, **m._buffers}
+        if any(tensors[k]._version != v for k, v in versions.items()):
+            changed.append(type(m).__name__)
+            with torch.no_grad():
+                for k, t in buffers.items():
+                    m._buffers[k].copy_(t)
+    return changed
+
+
+@dataclass
+class _Rewrite:
+    """One train/eval state's rewrite of a module's forward: the source fx generated for the
+    rewritten graph and what it calls (so that it pickles without tracing again), the compiled
+    function, what it fused, and what it assumed of the module (taken again on first use after a
+    copy or a load, of the module as it was copied while the rewrite held)."""
+
+    src: str
+    scope: dict  # the generated code's globals
+    descriptions: list
+    fused: tuple
+    groups: tuple
+    fn: object = None
+    assumed: _Assumed | None = None
+
+    def __post_init__(self):
+        if self.fn is None:
+            self.fn = _compile(self.src, self.scope)
+
+    def holds(self, module: nn.Module) -> bool:
+        if self.assumed is None:  # first use after a copy or a load (two threads take the same)
+            self.assumed = _Assumed.of(module, self.fused, self.groups)
+        return self.assumed.holds(module)
+
+    def portable_scope(self) -> dict | None:
+        """The scope as it pickles (modules by name), or None where something in it does not pickle."""
+        scope = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v for k, v in self.scope.items()}
+        try:
+            pickle.dumps(scope)
+        except Exception:  # something the generated code calls does not pickle
+            return None
+        return scope
+
+    def copy(self) -> "_Rewrite":
+        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups, self.fn)
+
+
+def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None, set[str], str | None]:
+    """(the train state, the rewrite of module's forward in it or None, the hooked children that
+    stopped a fusion, why it was not rewritten where a reason is worth a warning), in train or eval
+    mode."""
     flags = {m: m.training for m in module.modules()}
     try:
         module.train(training)
         state = _train_state(module)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            graph = _ChildrenAsLeaves(module).trace(module)
+        before = _state_of([module, *module.children()])
+        grad_modes: list = []
+        try:
+            with warnings.catch_warnings(), _grad_mode_changes(grad_modes):
+                warnings.simplefilter("ignore")
+                graph = _ChildrenAsLeaves(module).trace(module)
+        except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
+            _changed_and_restore(before)
+            return state, None, set(), None
+        changed = _changed_and_restore(before)
+        if changed or grad_modes:
+            what = "changes its grad mode" if grad_modes else f"changes the state of {', '.join(sorted(set(changed)))}"
+            return state, None, set(), f"its forward {what}, which a trace does not record: it runs as it is"
         rewriter = _Rewriter(module, graph)
         found = rewriter.run()
-        return state, _compile_graph(graph) if found else None, found, rewriter.hooked
-    except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
-        return None
     finally:
         for m, flag in flags.items():
             m.training = flag
+    if not found:
+        return state, None, rewriter.hooked, None
+    code = graph.python_code(root_module="self")
+    rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups))
+    return state, rewrite, rewriter.hooked, None
 
 
 class FusedForward:
-    """A module's forward replaced by bpext's rewrite of it, one per train/eval state; the
-    class's forward runs in any other state. Installed as the module's instance attribute
-    ``forward``, so the module keeps its class, children, state dict and hooks. Pickles as a
-    marker and is rewritten again on first use after loading."""
+    """A module's forward replaced by bpext's rewrite of it, one per train/eval state. Each call
+    checks what the rewrite assumed (_Assumed) and runs it where that holds, the class's forward
+    otherwise (another state, or a module changed since: a hook, an attribute, a child, an adapter,
+    a dtype). Installed as the module's ``forward`` (a BoundForward: the original signature), so the
+    module keeps its class, children, state dict and hooks; pickles and copies without tracing."""
 
-    def __init__(self, module: nn.Module, rewrites: dict | None = None):
+    def __init__(self, module: nn.Module, rewrites: dict):
         self.module = module
-        self.rewrites = rewrites  # {state: (function, descriptions)}; None until (re)built
+        self.rewrites = rewrites  # {train state: _Rewrite}
+        self.warned = False
 
     @staticmethod
-    def build(module: nn.Module) -> tuple[dict, set[str]]:
-        """The rewrites that fuse something, per state, and the hooked children that stopped a fusion."""
-        found = [r for r in (_rewrite(module, mode) for mode in (True, False)) if r is not None]
-        rewrites = {state: (fn, descriptions) for state, fn, descriptions, _ in found if descriptions}
-        return rewrites, set().union(*(hooked for *_, hooked in found))
+    def build(module: nn.Module) -> tuple[dict, set[str], set[str]]:
+        """The rewrites that fuse something, per state; the hooked children that stopped a fusion;
+        why a state was not rewritten."""
+        rewrites, hooked, reasons = {}, set(), set()
+        for training in (True, False):
+            state, rewrite, hooked_now, reason = _rewrite(module, training)
+            hooked |= hooked_now
+            if reason:
+                reasons.add(reason)
+            if rewrite is not None:
+                rewrites[state] = rewrite
+        return rewrites, hooked, reasons
 
-    def _current(self):
-        if self.rewrites is None:
-            if torch.compiler.is_compiling():  # cannot trace inside a compiled region: run unfused
-                return None
-            self.rewrites = self.build(self.module)[0]
-        return self.rewrites.get(_train_state(self.module))
+    def current(self) -> _Rewrite | None:
+        """The rewrite that serves the module now, or None."""
+        rewrite = self.rewrites.get(_train_state(self.module))
+        if rewrite is None or rewrite.holds(self.module):
+            return rewrite
+        if not self.warned and not torch.compiler.is_compiling():
+            self.warned = True
+            warnings.warn(f"bpext.convert: {type(self.module).__name__} changed after convert "
+                          f"({rewrite.assumed.changes(self.module)}): it runs its own forward, unfused, until "
+                          f"it is as it was; bpext.convert(model) fuses it as it is now", stacklevel=4)
+        return None
 
     def descriptions(self) -> list[str]:
-        current = self._current()
-        return current[1] if current else []
+        current = self.current()
+        return current.descriptions if current else []
 
     def __call__(self, *args, **kwargs):
-        current = self._current()
+        current = self.current()
         if current is None:
             return type(self.module).forward(self.module, *args, **kwargs)
-        return current[0](self.module, *args, **kwargs)
+        return current.fn(self.module, *args, **kwargs)
 
     def __reduce__(self):
-        return (FusedForward, (self.module,))
+        # Only rewrites that hold now, and whose generated code pickles, travel along.
+        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups) for state, r in self.rewrites.items()
+                if r.holds(self.module) and (scope := r.portable_scope()) is not None}
+        return (_restore, (self.module, kept))
 
     def __deepcopy__(self, memo):
-        return FusedForward(copy.deepcopy(self.module, memo), self.rewrites)
+        module = copy.deepcopy(self.module, memo)
+        return FusedForward(module, {state: r.copy() for state, r in self.rewrites.items() if r.holds(self.module)})
+
+
+@dataclass(frozen=True)
+class _ModuleName:
+    """A module in a pickled scope, imported again on loading."""
+    name: str
+
+
+def _restore(module: nn.Module, kept: dict) -> "FusedForward":
+    rewrites = {}
+    for state, (src, scope, *rest) in kept.items():
+        scope = {k: importlib.import_module(v.name) if isinstance(v, _ModuleName) else v for k, v in scope.items()}
+        rewrites[state] = _Rewrite(src, scope, *rest)
+    return FusedForward(module, rewrites)
+
+
+class BoundForward(functools.partial):
+    """``module.forward`` of a converted module: calls its FusedForward, with the signature of the
+    class's forward (inspect, torch.export and dynamic shapes see the module as before)."""
+
+    @property
+    def __signature__(self):
+        fused = self.args[0]
+        return inspect.signature(functools.partial(type(fused.module).forward, fused.module))
 
 
 def _fusable_child(module: nn.Module) -> bool:
@@ -443,12 +617,22 @@ def _fusable_child(module: nn.Module) -> bool:
 
 
 def _fuse_module(module: nn.Module, name: str) -> None:
+    installed = module.__dict__.get("forward")
     if (isinstance(module, (nn.Linear, torch.jit.ScriptModule, fx.GraphModule)) or not list(module.children())
-            or "forward" in module.__dict__):  # converted already, or a forward replaced by someone else
+            or (installed is not None and not isinstance(installed, BoundForward))):  # someone else's forward
         return
-    rewrites, hooked = FusedForward.build(module)
+    module.__dict__.pop("forward", None)  # converted before: fused again as the module is now
+    rewrites, hooked, reasons = FusedForward.build(module)
+    where = name or type(module).__name__
     if hooked:
-        warnings.warn(f"bpext.convert: in {name or type(module).__name__}, {', '.join(sorted(hooked))} "
+        warnings.warn(f"bpext.convert: in {where}, {', '.join(sorted(hooked))} "
                       f"have hooks, so they were not fused (their hooks keep running)", stacklevel=3)
+    for reason in sorted(reasons):
+        warnings.warn(f"bpext.convert: {where} is not fused: {reason}", stacklevel=3)
     if rewrites:
-        module.__dict__["forward"] = FusedForward(module, rewrites)
+        module.__dict__["forward"] = BoundForward(FusedForward.__call__, FusedForward(module, rewrites))
+
+
+def _fused_forward(module: nn.Module) -> FusedForward | None:
+    installed = module.__dict__.get("forward")
+    return installed.args[0] if isinstance(installed, BoundForward) else None

@@ -1,0 +1,358 @@
+"""A converted model computes what the model computes now: after hooks, attributes, children,
+adapters or dtypes change, and with forwards whose effects a trace cannot record. Every case
+against the same model unconverted, through the same change."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import pickle
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bpext
+
+
+def _pair(make, seed=0):
+    torch.manual_seed(seed)
+    native = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = bpext.convert(copy.deepcopy(native))
+    return native, ours
+
+
+def _stack():
+    return nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.1), nn.Linear(16, 4))
+
+
+def _step(model, x):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    return y.detach(), x.grad, [p.grad for p in model.parameters()]
+
+
+class WithExtraPath(nn.Linear):
+    """A Linear subclass that adds a path: not a Linear."""
+
+    def forward(self, x):
+        return super().forward(x) + x.sum(-1, keepdim=True).sin()
+
+
+CHANGES = {
+    "forward hook on a layer": lambda m: m[0].register_forward_hook(lambda mod, i, o: o * 2),
+    "pre-hook on the activation": lambda m: m[1].register_forward_pre_hook(lambda mod, i: (i[0] + 1,)),
+    "an activation's parameter": lambda m: setattr(m[1], "negative_slope", 0.5),
+    "a child replaced": lambda m: m.__setitem__(1, nn.Tanh()),
+    "a Linear replaced by a subclass": lambda m: m.__setitem__(0, WithExtraPath(8, 16)),
+    "a Linear's class changed in place": lambda m: setattr(m[2], "__class__", WithExtraPath),
+    "the weight replaced": lambda m: setattr(m[0], "weight", nn.Parameter(torch.ones(16, 8))),
+    "the bias removed": lambda m: setattr(m[2], "bias", None),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES.values(), ids=CHANGES.keys())
+def test_a_change_after_convert_is_what_runs(change):
+    native, ours = _pair(_stack)
+    assert bpext.fusions(ours) == {"": ["mlp(0, 2, leaky_relu(negative_slope=0.1), identity)"]}
+    torch.manual_seed(1)
+    change(native)
+    torch.manual_seed(1)
+    change(ours)
+    x = torch.randn(5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(_step(ours, x), _step(native, x))
+
+
+def test_the_change_is_said_once_and_undoing_it_fuses_again():
+    _, ours = _pair(_stack)
+    handle = ours[0].register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match=r"Sequential changed after convert \(the hooks of 0\)"):
+        ours(torch.randn(2, 8))
+    assert bpext.fusions(ours) == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours(torch.randn(2, 8))  # said once
+    handle.remove()
+    assert bpext.fusions(ours) == {"": ["mlp(0, 2, leaky_relu(negative_slope=0.1), identity)"]}
+
+
+def test_convert_again_fuses_the_model_as_it_is_now():
+    _, ours = _pair(_stack)
+    ours[1] = nn.GELU()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bpext.fusions(ours)
+    bpext.convert(ours)
+    assert bpext.fusions(ours) == {"": ["mlp(0, 2, gelu, identity)"]}
+
+
+def test_global_module_hooks_run_for_every_layer():
+    native, ours = _pair(_stack)
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours(torch.randn(2, 8))
+        native_calls, calls[:] = list(calls), []
+        native(torch.randn(2, 8))
+    finally:
+        handle.remove()
+    assert [c.replace("Dense", "Linear") for c in native_calls] == calls
+    assert bpext.fusions(ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_dtype_change_keeps_fusing(dtype):
+    native, ours = _pair(_stack)
+    native.to(dtype)
+    ours.to(dtype)
+    assert bpext.fusions(ours)
+    x = torch.randn(5, 8, dtype=dtype)
+    torch.testing.assert_close(ours(x), native(x))
+
+
+@pytest.mark.parametrize("copy_", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))], ids=["deepcopy", "pickle"])
+def test_copies_check_their_own_changes(copy_):
+    _, ours = _pair(_stack)
+    other = copy_(ours)
+    assert bpext.fusions(other) == bpext.fusions(ours)
+    other[1].negative_slope = 0.5
+    x = torch.randn(3, 8)
+    expected = other[2](torch.nn.functional.leaky_relu(other[0](x), 0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(other(x), expected)
+    assert bpext.fusions(ours)
+
+
+def test_a_model_changed_before_pickling_loads_unfused():
+    _, ours = _pair(_stack)
+    ours[1].negative_slope = 0.5
+    loaded = pickle.loads(pickle.dumps(ours))
+    assert bpext.fusions(loaded) == {}
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), loaded[2](torch.nn.functional.leaky_relu(loaded[0](x), 0.5)))
+
+
+# ---- PEFT after convert ---------------------------------------------------------------------------
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_lora_added_after_convert_trains_like_native_lora():
+    peft = pytest.importorskip("peft")
+    native, ours = _pair(_llama)
+    config = dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], lora_dropout=0.0,
+                  init_lora_weights=False)
+    torch.manual_seed(3)
+    native = peft.get_peft_model(native, peft.LoraConfig(**config))
+    torch.manual_seed(3)
+    ours = peft.get_peft_model(ours, peft.LoraConfig(**config))
+    ours.load_state_dict(native.state_dict())
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    results = []
+    for model in (native, ours):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = model(input_ids=ids, labels=ids)
+        assert out.loss.requires_grad
+        out.loss.backward()
+        lora = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
+        assert len(lora) == 2 * 3 * 2 and all(g is not None for g in lora.values())
+        results.append((out.logits.detach(), lora))
+    torch.testing.assert_close(results[1], results[0])
+
+
+# ---- forwards whose effects a trace does not record -------------------------------------------------
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Stepping(Counting):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Remembering(Counting):
+    def forward(self, x):
+        y = self.fc2(self.act(self.fc1(x)))
+        self.last = y
+        return y
+
+
+class Frozen(Counting):
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.act(self.fc1(x))
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("cls", [Counting, Stepping, Remembering, Frozen], ids=lambda c: c.__name__)
+def test_side_effects_are_kept(cls):
+    native, ours = _pair(cls)
+    assert ours.__dict__.get("last") is None and getattr(ours, "calls") == 0
+    x = torch.randn(3, 4)
+    for _ in range(3):
+        torch.testing.assert_close(_step(ours, x), _step(native, x))
+    assert ours.calls == native.calls
+    assert torch.equal(ours.state_dict().get("steps", torch.zeros(())), native.state_dict().get("steps", torch.zeros(())))
+    if cls is Remembering:
+        assert type(ours.last) is torch.Tensor
+    if cls is Stepping:
+        assert int(ours.steps) == 3
+
+
+def test_a_forward_with_side_effects_is_left_with_a_warning():
+    with pytest.warns(UserWarning, match="Counting is not fused: its forward changes the state of Counting"):
+        bpext.convert(Counting())
+    with pytest.warns(UserWarning, match="Frozen is not fused: its forward changes its grad mode"):
+        bpext.convert(Frozen())
+
+
+# ---- recognition by certainty -----------------------------------------------------------------------
+
+
+class SquareLinear(nn.Module):
+    """Not a Linear of any library: x @ W + b with W square, symmetric when it is made."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(6))
+        self.bias = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+def test_layers_are_recognised_by_class_not_by_sample_values():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.act, self.b = SquareLinear(), nn.GELU(), nn.Linear(6, 6)
+            self.c, self.clip, self.d = nn.Linear(6, 6), nn.Hardtanh(0, 40), nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.d(self.clip(self.c(self.b(self.act(self.a(x))))))
+
+    native, ours = _pair(Net)
+    assert bpext.fusions(ours) == {}
+    with torch.no_grad():
+        for m in (native, ours):
+            m.a.weight.copy_(torch.arange(36.0).reshape(6, 6) / 10)
+    x = torch.randn(4, 6) * 100
+    torch.testing.assert_close(ours(x), native(x))
+
+
+def test_other_libraries_activations_are_recognised_by_class():
+    transformers = pytest.importorskip("transformers")
+    timm = pytest.importorskip("timm")
+    for act in (transformers.activations.GELUActivation(), transformers.activations.NewGELUActivation(),
+                transformers.activations.QuickGELUActivation(), timm.layers.activations.GELUTanh()):
+        native, ours = _pair(lambda: nn.Sequential(nn.Linear(4, 8), act, nn.Linear(8, 4)))
+        assert len(bpext.fusions(ours)[""]) == 1
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(ours(x), native(x), rtol=1e-5, atol=1e-6)
+
+
+# ---- in-place activations, dtype casts -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_in_place_activations_keep_writing_their_input(fuse):
+    model = nn.Sequential(nn.ReLU(inplace=True))
+    bpext.convert(model, fuse=fuse)
+    x = torch.randn(10)
+    y = model(x)
+    assert y.data_ptr() == x.data_ptr() and (x >= 0).all()
+
+
+def test_t5_in_float16_with_wo_in_float32_runs_as_native():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                   dropout_rate=0.0, feed_forward_proj="relu", decoder_start_token_id=0)
+
+    def make():
+        model = transformers.T5EncoderModel(config).half()
+        for block in model.encoder.block:
+            block.layer[-1].DenseReluDense.wo.float()  # what from_pretrained(dtype=float16) keeps in float32
+        return model.eval()
+
+    native, ours = _pair(make)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(input_ids=ids).last_hidden_state, native(input_ids=ids).last_hidden_state)
+
+
+# ---- threads, export, signature --------------------------------------------------------------------
+
+
+def test_first_calls_from_several_threads_after_loading():
+    _, ours = _pair(lambda: nn.Sequential(_stack(), nn.Tanh(), nn.Linear(4, 4)))
+    ours.eval()
+    x = torch.randn(16, 8)
+    expected = ours(x)
+    for _ in range(30):
+        loaded = pickle.loads(pickle.dumps(ours))
+        results, errors = [None] * 4, []
+
+        def run(i, model=loaded):
+            try:
+                results[i] = model(x)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and not loaded.training
+        for r in results:
+            torch.testing.assert_close(r, expected)
+        assert bpext.fusions(loaded) == bpext.fusions(ours)
+
+
+class WithSignature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.SiLU(), nn.Linear(8, 4)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.fc2(self.act(self.fc1(x))) * scale
+
+
+def test_the_converted_root_keeps_its_signature_and_exports():
+    native, ours = _pair(WithSignature)
+    assert bpext.fusions(ours)
+    assert inspect.signature(ours.forward) == inspect.signature(native.forward)
+    x = torch.randn(5, 4)
+    batch = torch.export.Dim("batch")
+    for model in (native, ours):
+        program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+        torch.testing.assert_close(program.module()(torch.randn(7, 4) * 0 + 1), native(torch.ones(7, 4)))
