@@ -29,6 +29,7 @@ import importlib
 import inspect
 import operator
 import pickle
+import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -92,8 +93,10 @@ def _swap_in_place(module: nn.Module) -> None:
 
 
 def _has_hooks(module: nn.Module) -> bool:
+    """Hooks, or a forward replaced on the instance (accelerate's hooks, a patch): what the class says
+    the module computes is not all that runs."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+                or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,11 @@ def _passthrough(root: nn.Module, node: fx.Node) -> bool:
     module = root.get_submodule(node.target)
     if type(module) is nn.Identity:
         return True
-    return isinstance(module, nn.modules.dropout._DropoutNd) and (not module.training or module.p == 0)
+    return type(module) in _DROPOUTS and (not module.training or module.p == 0)
+
+
+# torch's dropouts, exactly: a subclass may drop in eval mode too (MC dropout)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 # ---- rewriting a traced forward ----------------------------------------------------------------
@@ -328,20 +335,40 @@ _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, h) for h in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
+_INTERNAL = frozenset(vars(nn.Module())) | {"forward"}  # nn.Module's own bookkeeping, and the installed forward
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
 def _attributes(module: nn.Module) -> tuple:
     """A module's own attributes (its configuration: what a traced forward takes as constants),
-    beside its parameters, buffers, children and train flag: (name, value) pairs, plain values
-    compared by equality, other objects by identity."""
-    return tuple((k, v) for k, v in module.__dict__.items() if k[0] != "_" and k not in ("training", "forward"))
+    beside nn.Module's bookkeeping (parameters, buffers, children, hooks, train flag) and bpext's
+    caches: (name, value, a shallow copy of a container) triples. Plain values compare by equality,
+    containers by their items' identity, other objects by identity."""
+    return tuple((k, v, copy.copy(v) if type(v) in _CONTAINERS else None) for k, v in module.__dict__.items()
+                 if k not in _INTERNAL and not k.startswith("_bpext"))
 
 
 def _same_attributes(module: nn.Module, expected: tuple) -> bool:
     d = module.__dict__
-    for k, v in expected:
+    for k, v, items in expected:
         now = d.get(k, _MISSING)
-        if now is not v and not (type(v) in _PLAIN and type(now) is type(v) and now == v):
+        if now is not v:
+            if not (type(v) in _PLAIN and type(now) is type(v) and now == v):
+                return False
+        elif items is not None and not _same_items(now, items):
             return False
     return True
+
+
+def _same_items(now, before) -> bool:
+    """A container's items are the same objects as in the copy of it."""
+    if len(now) != len(before):
+        return False
+    if isinstance(now, dict):
+        return all(now.get(k, _MISSING) is v for k, v in before.items())
+    if isinstance(now, (set, frozenset)):
+        return now == before
+    return all(a is b for a, b in zip(now, before))
 
 
 _MISSING = object()
@@ -357,12 +384,14 @@ class _Assumed:
     forward: object
     attributes: tuple
     children: tuple
+    buffers: tuple  # (name, buffer, its version): a forward may read a buffer's value as a constant
     fused: tuple  # (name, child, its class, its attributes)
     groups: tuple  # (Linear, ...) per pattern
 
     @staticmethod
     def of(module: nn.Module, fused: tuple, groups: tuple) -> "_Assumed":
         return _Assumed(type(module).forward, _attributes(module), tuple(module._modules.items()),
+                        tuple((k, b, b._version) for k, b in module._buffers.items() if b is not None),
                         tuple((t, c, type(c), _attributes(c)) for t, c in ((t, module.get_submodule(t)) for t in fused)),
                         tuple(tuple(module.get_submodule(t) for t in g) for g in groups))
 
@@ -378,9 +407,16 @@ class _Assumed:
                 return False
         if not _same_attributes(module, self.attributes):
             return False
+        buffers = module._buffers
+        if len(buffers) != len(self.buffers):
+            return False
+        for name, buffer, version in self.buffers:
+            if buffers.get(name) is not buffer or buffer._version != version:
+                return False
         for _, child, cls, attributes in self.fused:
             if (type(child) is not cls or child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
-                    or child._backward_pre_hooks or not _same_attributes(child, attributes)):
+                    or child._backward_pre_hooks or "forward" in child.__dict__
+                    or not _same_attributes(child, attributes)):
                 return False
         for group in self.groups:
             dtype = group[0].weight.dtype
@@ -401,11 +437,13 @@ class _Assumed:
             return f"its children {', '.join(names)}"
         if not _same_attributes(module, self.attributes):
             return "its attributes"
+        if any(module._buffers.get(n) is not b or b._version != v for n, b, v in self.buffers):
+            return "its buffers"
         for name, child, cls, attributes in self.fused:
             if type(child) is not cls:
                 return f"the class of {name}"
-            if _has_hooks(child):
-                return f"the hooks of {name}"
+            if _has_hooks(child) or "forward" in child.__dict__:
+                return f"the hooks or forward of {name}"
             if not _same_attributes(child, attributes):
                 return f"the attributes of {name}"
         return "the dtypes of the layers it fuses"
@@ -414,21 +452,32 @@ class _Assumed:
 # ---- building rewrites -------------------------------------------------------------------------
 
 
+_TRACING = threading.Lock()  # one trace at a time: the spies below are process-wide patches
+
+
 @contextlib.contextmanager
-def _grad_mode_changes(found: list):
-    """Records grad-mode changes (torch.no_grad(), enable_grad(), set_grad_enabled()) made while
-    tracing: fx records none of them, so a forward that makes them cannot be rewritten."""
-    real = torch._C._set_grad_enabled
+def _mode_changes(found: list):
+    """Records, from this thread, the mode changes a forward makes while it is traced (torch.no_grad(),
+    enable_grad(), set_grad_enabled(), torch.autocast, inference_mode): fx records none of them, so a
+    forward that makes them cannot be rewritten."""
+    me = threading.get_ident()
+    patched = [(torch._C, "_set_grad_enabled"), (torch, "set_autocast_enabled"), (torch._C, "_InferenceMode")]
+    real = [getattr(owner, name) for owner, name in patched]
 
-    def spy(mode):
-        found.append(mode)
-        return real(mode)
+    def spy(fn, what):
+        def call(*args, **kwargs):
+            if threading.get_ident() == me:
+                found.append(what)
+            return fn(*args, **kwargs)
+        return call
 
-    torch._C._set_grad_enabled = spy
+    for (owner, name), fn in zip(patched, real):
+        setattr(owner, name, spy(fn, name))
     try:
         yield
     finally:
-        torch._C._set_grad_enabled = real
+        for (owner, name), fn in zip(patched, real):
+            setattr(owner, name, fn)
 
 
 def _state_of(modules) -> list:
@@ -437,13 +486,21 @@ def _state_of(modules) -> list:
     buffers: an update in place there is not recorded, and must be undone)."""
     return [(m, (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)),
              {k: t._version for k, t in [*m._parameters.items(), *m._buffers.items()] if t is not None},
-             {k: t.detach().clone() for k, t in m._buffers.items() if t is not None}) for m in modules]
+             {k: t.detach().clone() for k, t in m._buffers.items() if t is not None},
+             {k: copy.copy(v) for k, v in m.__dict__.items() if type(v) in _CONTAINERS and k not in _INTERNAL})
+            for m in modules]
 
 
 def _changed_and_restore(state: list) -> list[str]:
     """Restores what changed since _state_of, and says where (a forward with side effects)."""
     changed = []
-    for m, dicts, versions, buffers in state:
+    for m, dicts, versions, buffers, containers in state:
+        for k, before in containers.items():  # an attribute's list or dict filled in place
+            now = m.__dict__.get(k)
+            if type(now) is type(before) and not _same_items(now, before):
+                changed.append(type(m).__name__)
+                now.clear()
+                now.update(before) if isinstance(now, (dict, set)) else now.extend(before)
         for now, before in zip((m.__dict__, m._parameters, m._buffers, m._modules), dicts):
             if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
                 changed.append(type(m).__name__)
@@ -470,17 +527,15 @@ class _Rewrite:
     descriptions: list
     fused: tuple
     groups: tuple
-    fn: object = None
     assumed: _Assumed | None = None
+    fn: object = None
 
     def __post_init__(self):
         if self.fn is None:
             self.fn = _compile(self.src, self.scope)
 
     def holds(self, module: nn.Module) -> bool:
-        if self.assumed is None:  # first use after a copy or a load (two threads take the same)
-            self.assumed = _Assumed.of(module, self.fused, self.groups)
-        return self.assumed.holds(module)
+        return self.assumed is not None and self.assumed.holds(module)
 
     def portable_scope(self) -> dict | None:
         """The scope as it pickles (modules by name), or None where something in it does not pickle."""
@@ -491,8 +546,10 @@ class _Rewrite:
             return None
         return scope
 
-    def copy(self) -> "_Rewrite":
-        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups, self.fn)
+    def copy(self, memo: dict) -> "_Rewrite":
+        """For a deep copy of the module (in ``memo``): what it assumed, of the copy's objects."""
+        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups,
+                        copy.deepcopy(self.assumed, memo), self.fn)
 
 
 def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None, set[str], str | None]:
@@ -506,7 +563,7 @@ def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None,
         before = _state_of([module, *module.children()])
         grad_modes: list = []
         try:
-            with warnings.catch_warnings(), _grad_mode_changes(grad_modes):
+            with _TRACING, warnings.catch_warnings(), _mode_changes(grad_modes):
                 warnings.simplefilter("ignore")
                 graph = _ChildrenAsLeaves(module).trace(module)
         except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
@@ -514,7 +571,8 @@ def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None,
             return state, None, set(), None
         changed = _changed_and_restore(before)
         if changed or grad_modes:
-            what = "changes its grad mode" if grad_modes else f"changes the state of {', '.join(sorted(set(changed)))}"
+            what = ("changes its grad, autocast or inference mode" if grad_modes else
+                    f"changes the state of {', '.join(sorted(set(changed)))}")
             return state, None, set(), f"its forward {what}, which a trace does not record: it runs as it is"
         rewriter = _Rewriter(module, graph)
         found = rewriter.run()
@@ -578,13 +636,13 @@ class FusedForward:
 
     def __reduce__(self):
         # Only rewrites that hold now, and whose generated code pickles, travel along.
-        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups) for state, r in self.rewrites.items()
+        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.assumed) for state, r in self.rewrites.items()
                 if r.holds(self.module) and (scope := r.portable_scope()) is not None}
         return (_restore, (self.module, kept))
 
     def __deepcopy__(self, memo):
         module = copy.deepcopy(self.module, memo)
-        return FusedForward(module, {state: r.copy() for state, r in self.rewrites.items() if r.holds(self.module)})
+        return FusedForward(module, {state: r.copy(memo) for state, r in self.rewrites.items() if r.holds(self.module)})
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ def _needs_graph(*tensors) -> bool:
     tensor the result is computed from. Under torch.func, the fused backward op serves a lone
     grad/vjp transform whose inputs no outer autograd tracks; under vmap the pieces batch (the
     backward ops would loop), under nested transforms they are differentiated again."""
+    if forward_ad._current_level >= 0:  # forward-mode AD: tangents flow only through differentiable pieces
+        return True
     if not torch.is_grad_enabled():
         return False
     tensors = [t for t in tensors if t is not None]

@@ -35,7 +35,8 @@ bool cpu_has(std::string_view feature) {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
   }
-  const bool avx_state = (xcr0 & 0x6) == 0x6, avx512_state = (xcr0 & 0xe6) == 0xe6;
+  // AVX itself too (a hypervisor may hide it and leave AVX2's bit set)
+  const bool avx_state = (ecx1 >> 28 & 1u) && (xcr0 & 0x6) == 0x6, avx512_state = avx_state && (xcr0 & 0xe6) == 0xe6;
   struct Bit {
     std::string_view name;
     unsigned reg, bit;

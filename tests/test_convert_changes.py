@@ -73,7 +73,7 @@ def test_a_change_after_convert_is_what_runs(change):
 def test_the_change_is_said_once_and_undoing_it_fuses_again():
     _, ours = _pair(_stack)
     handle = ours[0].register_forward_hook(lambda *a: None)
-    with pytest.warns(UserWarning, match=r"Sequential changed after convert \(the hooks of 0\)"):
+    with pytest.warns(UserWarning, match=r"Sequential changed after convert \(the hooks or forward of 0\)"):
         ours(torch.randn(2, 8))
     assert bpext.fusions(ours) == {}
     with warnings.catch_warnings():
@@ -232,7 +232,7 @@ def test_side_effects_are_kept(cls):
 def test_a_forward_with_side_effects_is_left_with_a_warning():
     with pytest.warns(UserWarning, match="Counting is not fused: its forward changes the state of Counting"):
         bpext.convert(Counting())
-    with pytest.warns(UserWarning, match="Frozen is not fused: its forward changes its grad mode"):
+    with pytest.warns(UserWarning, match="Frozen is not fused: its forward changes its grad, autocast or inference mode"):
         bpext.convert(Frozen())
 
 
@@ -356,3 +356,94 @@ def test_the_converted_root_keeps_its_signature_and_exports():
     for model in (native, ours):
         program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
         torch.testing.assert_close(program.module()(torch.randn(7, 4) * 0 + 1), native(torch.ones(7, 4)))
+
+
+# ---- what a fresh pair of eyes found -------------------------------------------------------------------
+
+
+def test_a_copy_changed_before_its_first_call_runs_as_changed():
+    for copy_ in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        native, ours = _pair(_stack)
+        other, native_other = copy_(ours), copy.deepcopy(native)
+        other[1].negative_slope = native_other[1].negative_slope = 0.5
+        x = torch.randn(3, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(other(x), native_other(x))
+
+
+class Configured(nn.Module):
+    """Reads a private attribute and a dict's item as constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)
+        self.cfg, self._k = {"scale": 2.0}, 3.0
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x))) * self.cfg["scale"] * self._k
+
+
+class FullPrecision(Configured):
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return self.fc2(self.act(self.fc1(x.float())))
+
+
+class MCDropout(nn.Dropout):
+    def forward(self, x):
+        return torch.nn.functional.dropout(x, self.p, training=True)
+
+
+def test_private_attributes_and_container_items_are_checked():
+    native, ours = _pair(Configured)
+    assert bpext.fusions(ours)
+    for m in (native, ours):
+        m.cfg["scale"], m._k = 5.0, -1.0
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x), native(x))
+
+
+def test_autocast_inside_a_forward_is_kept():
+    native = FullPrecision()
+    with pytest.warns(UserWarning, match="autocast"):
+        ours = bpext.convert(copy.deepcopy(native))
+    x = torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(x), native(x))
+        assert ours(x).dtype == torch.float32
+
+
+def test_a_dropout_subclass_is_not_taken_for_a_pass_through():
+    native, ours = _pair(lambda: nn.Sequential(nn.Linear(4, 8), nn.GELU(), MCDropout(0.5), nn.Linear(8, 4)).eval())
+    assert bpext.fusions(ours) == {"": ["dense(0, gelu)"]}
+    torch.manual_seed(0)
+    a = ours(torch.ones(64, 4))
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, native(torch.ones(64, 4)))
+
+
+def test_a_layer_whose_forward_was_replaced_on_the_instance_runs_it():
+    native, ours = _pair(_stack)
+    for m in (native, ours):
+        m[0].forward = (lambda lin: lambda x: torch.nn.functional.linear(x, lin.weight, lin.bias) * 3)(m[0])
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x), native(x))
+
+
+def test_forward_mode_derivative_of_a_gradient():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, t = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    results = []
+    for fn in (lambda w: bpext.functional.dense(x, w, None, "tanh"), lambda w: torch.tanh(torch.nn.functional.linear(x, w))):
+        with fwAD.dual_level():
+            wd = fwAD.make_dual(w.clone().requires_grad_(), t)
+            (g,) = torch.autograd.grad(fn(wd).sum(), wd)
+            results.append(fwAD.unpack_dual(g).tangent)
+    assert results[0] is not None
+    torch.testing.assert_close(results[0], results[1])
