@@ -26,6 +26,7 @@ ops = _Ops()
 OPS = (
     "activation_forward", "activation_backward", "activation_double_backward", "dense_forward", "dense_backward",
     "gated_forward", "gated_backward", "gated_mlp_forward", "gated_mlp_backward", "mlp_forward", "mlp_backward",
+    "linear_cross_entropy_forward", "linear_cross_entropy_backward",
 )
 
 
@@ -129,6 +130,37 @@ def mlp_keeps_nothing(layer: int, layers: int, activation: str) -> bool:
     """Whether mlp_forward keeps nothing of this layer: the last layer, when its derivative
     reads the output y (which the caller keeps) or nothing. The kernels' mlp_keeps_nothing."""
     return layer == layers - 1 and REGISTRY[activation].saves != "input"
+
+
+def _check_loss(op, input, weight, bias, target):
+    _one_device(op, input, weight, bias, target)
+    torch._check(input.dim() == 2 and weight.dim() == 2 and input.shape[1] == weight.shape[1],
+                 lambda: f"bpext.{op}: input must be (tokens, hidden) and weight (vocab, hidden)")
+    torch._check(target.dim() == 1 and target.shape[0] == input.shape[0] and target.dtype == torch.int64,
+                 lambda: f"bpext.{op}: target must be int64 of shape (tokens,)")
+    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],), lambda: f"bpext.{op}: bias must be (vocab,)")
+
+
+def _loss_grads(input, weight, bias):
+    return (input.new_empty(input.shape), input.new_empty(weight.shape),
+            input.new_empty((weight.shape[0],) if bias is not None else (0,)))
+
+
+@torch.library.register_fake("bpext::linear_cross_entropy_forward")
+def _(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, reduction, divisor, with_grad):
+    _check_loss("linear_cross_entropy_forward", input, weight, bias, target)
+    loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
+    if with_grad:
+        return loss, *_loss_grads(input, weight, bias)
+    return loss, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
+
+
+@torch.library.register_fake("bpext::linear_cross_entropy_backward")
+def _(grad_loss, input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, reduction, divisor):
+    _check_loss("linear_cross_entropy_backward", input, weight, bias, target)
+    torch._check(tuple(grad_loss.shape) == ((input.shape[0],) if reduction == "none" else ()),
+                 lambda: "bpext.linear_cross_entropy_backward: grad_loss must have the loss's shape")
+    return _loss_grads(input, weight, bias)
 
 
 @torch.library.register_fake("bpext::mlp_forward")

@@ -32,7 +32,8 @@ from .activations import ResolvedActivation, resolve, resolve_by_values
 
 __all__ = [
     "ActivationFunction", "ActivationBackwardFunction", "ActivationSecondFunction", "DenseFunction",
-    "GatedFunction", "GatedMLPFunction", "MLPFunction", "activation", "dense", "gated", "gated_mlp", "mlp",
+    "GatedFunction", "GatedMLPFunction", "LinearCrossEntropyFunction", "MLPFunction", "activation", "dense", "gated",
+    "gated_mlp", "linear_cross_entropy", "mlp",
 ]
 
 THIRD_ORDER = ("bpext computes derivatives up to the second order; a third derivative would need the "
@@ -616,6 +617,51 @@ class GatedMLPFunction(Function):
         return _linear_tangent(h, weight_down, h_t, weight_down_t, bias_down_t), None, None
 
 
+# ---- the last dense layer with its loss ------------------------------------------------------------
+
+DOUBLE_BACKWARD_OF_LOSS = ("bpext.linear_cross_entropy has no double backward: its gradients are computed block "
+                           "by block from logits that are never kept. Use F.cross_entropy(F.linear(...)) where a "
+                           "second derivative of the loss is needed.")
+
+
+class LinearCrossEntropyFunction(Function):
+    """loss = cross_entropy(input @ weight.T + bias, target) in one op, the (tokens, vocab) logits
+    never whole. With a scalar reduction and a gradient to compute, the op computes the loss's
+    gradients in the same blocks (three matrix products, as native's forward and backward) and
+    keeps only them; backward scales them by the loss's gradient. With reduction="none", backward
+    recomputes the logits block by block from input, weight and target."""
+
+    @staticmethod
+    def forward(input, weight, bias, target, options: tuple, with_grad: bool):
+        return ops.linear_cross_entropy_forward(input, weight, bias, target, *options, with_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, target, options, with_grad = inputs
+        _, *grads = output
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)
+        ctx.options, ctx.with_grad, ctx.has_bias = options, with_grad, bias is not None
+        ctx.save_for_backward(*grads) if with_grad else ctx.save_for_backward(input, weight, bias, target)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        if grad_loss is None:
+            return (None,) * 6
+        if torch.is_grad_enabled() and (not torch._C._are_functorch_transforms_active()
+                                        or _needs_graph(grad_loss, *ctx.saved_tensors)):  # create_graph=True
+            raise NotImplementedError(DOUBLE_BACKWARD_OF_LOSS)
+        needs = ctx.needs_input_grad
+        if ctx.with_grad:
+            grads = [g * grad_loss for g in ctx.saved_tensors]
+        else:
+            input, weight, bias, target = ctx.saved_tensors
+            grads = _fused(ops.linear_cross_entropy_backward, grad_loss, input, weight, bias, target, *ctx.options)
+        grad_input, grad_weight, grad_bias = grads
+        return (grad_input if needs[0] else None, grad_weight if needs[1] else None,
+                grad_bias if needs[2] and ctx.has_bias else None, None, None, None)
+
+
 # ---- the same autograd on the ops themselves ------------------------------------------------------
 # An op takes the activation as (name, params) where its Function takes one ResolvedActivation.
 
@@ -742,6 +788,24 @@ for _op, _definition in (("dense_backward", _dense_backward_definition),
                          ("gated_mlp_backward", _gated_mlp_backward_definition),
                          ("mlp_backward", _mlp_backward_definition)):
     _register_backward_op(_op, _definition)
+
+def _loss_op_setup_context(ctx, inputs, output):
+    input, weight, bias, target, *options, with_grad = inputs
+    LinearCrossEntropyFunction.setup_context(ctx, (input, weight, bias, target, tuple(options), with_grad), output)
+
+
+def _loss_op_backward(ctx, *grads):
+    return (*LinearCrossEntropyFunction.backward(ctx, *grads)[:4], *[None] * 7)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(DOUBLE_BACKWARD_OF_LOSS)
+
+
+torch.library.register_autograd("bpext::linear_cross_entropy_forward", _loss_op_backward,
+                                setup_context=_loss_op_setup_context)
+torch.library.register_autograd("bpext::linear_cross_entropy_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 for _op, _function, _at in (("activation_forward", ActivationFunction, 1),
                             ("activation_backward", ActivationBackwardFunction, 2),
@@ -899,3 +963,49 @@ def gated_mlp(
     if _through_ops():
         return ops.gated_mlp_forward(*tensors, act.name, act.params, save)[0]
     return _apply(GatedMLPFunction, *tensors, act, save)[0]
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    divisor: float | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` in one op, the (tokens, vocab)
+    logits never whole: input (*, hidden), weight (vocab, hidden), target (*) int64.
+
+    ``ignore_index``, ``reduction`` ("mean", "sum", "none") and ``label_smoothing`` as in
+    F.cross_entropy (a mean over only ignored targets is NaN, as natively); ``softcap`` caps the
+    logits at ``softcap * tanh(logits / softcap)`` (Gemma 2); ``z_loss`` adds ``z_loss * lse^2``
+    per token (PaLM); ``divisor`` divides the summed loss instead of the count of tokens
+    (transformers' ``num_items_in_batch`` under gradient accumulation). Computed in float32 for
+    16-bit inputs and returned in input's dtype; under ``torch.autocast`` the inputs are cast first,
+    as ``nn.Linear``'s are.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap must be > 0 or None, got {softcap}")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: target must have input's leading shape {tuple(input.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    input, weight, bias = _autocast(input, weight, bias)
+    rows, tokens = _rows(input), target.reshape(-1)
+    options = (int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss), reduction,
+               None if divisor is None else float(divisor))
+    with_grad = reduction != "none" and _builds_graph(input, weight, bias)
+    if _through_ops():
+        loss = ops.linear_cross_entropy_forward(rows, weight, bias, tokens, *options, with_grad)[0]
+    else:
+        loss = LinearCrossEntropyFunction.apply(rows, weight, bias, tokens, options, with_grad)[0]
+    if torch._C._is_any_autocast_enabled() and input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(
+            input.device.type):
+        loss = loss.float()  # autocast computes cross-entropy in float32
+    return loss.reshape(target.shape) if reduction == "none" else loss

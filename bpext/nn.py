@@ -11,7 +11,8 @@ from torch import nn
 from . import functional as F
 from .activations import REGISTRY, ResolvedActivation, resolve
 
-__all__ = ["Dense", "MLP", "GatedDense", "GatedMLP", "Activation", "activation_of", "torch_activation"]
+__all__ = ["Dense", "MLP", "GatedDense", "GatedMLP", "LinearCrossEntropy", "Activation", "activation_of",
+           "torch_activation"]
 
 
 class Dense(nn.Linear):
@@ -183,6 +184,34 @@ class GatedMLP(GatedDense):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.gated_mlp(input, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
                            self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias, self.activation)
+
+
+class LinearCrossEntropy(nn.Module):
+    """The last dense layer with its loss: ``forward(input, target)`` is
+    ``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` in one op, the (tokens, classes)
+    logits never whole (``bpext.functional.linear_cross_entropy``). ``weight`` (num_classes,
+    in_features) and ``bias`` are an ``nn.Linear(in_features, num_classes)``'s, initialised alike;
+    the loss's options are fixed at construction, as in ``nn.CrossEntropyLoss``."""
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False, *, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, softcap: float | None = None,
+                 z_loss: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, num_classes
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_classes, device=device, dtype=dtype)) if bias else None
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.softcap, self.z_loss = softcap, z_loss
+        nn.Linear.reset_parameters(self)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, divisor: float | None = None) -> torch.Tensor:
+        return F.linear_cross_entropy(input, self.weight, target, self.bias, ignore_index=self.ignore_index,
+                                      reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                      softcap=self.softcap, z_loss=self.z_loss, divisor=divisor)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.out_features}, bias={self.bias is not None}, "
+                f"reduction={self.reduction!r}")
 
 
 class Activation(nn.Module):

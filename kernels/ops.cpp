@@ -6,7 +6,9 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -508,6 +510,157 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
   return {grad_x, grad_weights, grad_biases};
 }
 
+// ---- the last dense layer with its cross-entropy loss ------------------------------------------
+
+struct LossArgs {
+  int64_t ignore_index;
+  double label_smoothing, softcap, z_loss;  // softcap 0: none
+};
+
+// Rows per block: a block's logits (rows x V, in float) take about 32 MB.
+int64_t loss_block_rows(int64_t rows, int64_t vocab) {
+  return std::clamp<int64_t>((int64_t{32} << 20) / (4 * std::max<int64_t>(vocab, 1)), 1, std::max<int64_t>(rows, 1));
+}
+
+// input: (N, H), weight: (V, H), bias: (V) or undefined, target: (N) -> loss: (N), in the compute type (float for
+// the 16-bit types), 0 where the target is ignored: lse - (1 - eps) z_t - eps mean(z) + z_loss lse^2 of the
+// logits z = x W^T + b (softcap * tanh(z / softcap) where capped). With row_weights ((N), defined) also the
+// gradients of sum_i row_weights_i loss_i: grad_input (N, H), grad_weight (V, H), grad_bias (V), computed block
+// by block, never holding more than one block's logits.
+std::array<at::Tensor, 4> loss_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                      const at::Tensor& target, const LossArgs& a, const at::Tensor& row_weights) {
+  const int64_t rows = x.size(0), vocab = weight.size(0);
+  const bool with_grad = row_weights.defined();
+  const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto fopts = x.options().dtype(compute);
+  at::Tensor loss = at::zeros({rows}, fopts);
+  at::Tensor grad_x, grad_w, grad_b;
+  if (with_grad) {
+    grad_x = at::empty(x.sizes(), x.options());
+    grad_w = at::zeros(weight.sizes(), fopts);  // summed over blocks in the compute type, rounded once
+    grad_b = bias.defined() ? at::zeros({vocab}, fopts) : at::Tensor();
+  }
+  const at::Tensor w_t = weight.t();
+  const int64_t block = loss_block_rows(rows, vocab);
+  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+    const int64_t r1 = std::min(rows, r0 + block);
+    const at::Tensor xb = x.slice(0, r0, r1), tb = target.slice(0, r0, r1);
+    at::Tensor z = (bias.defined() ? at::addmm(bias, xb, w_t) : at::mm(xb, w_t)).to(compute);
+    at::Tensor capped;  // tanh(z / softcap)
+    if (a.softcap > 0) {
+      capped = at::tanh(z / a.softcap);
+      z = capped * a.softcap;
+    }
+    const at::Tensor lse = at::logsumexp(z, {1});
+    const at::Tensor valid = tb != a.ignore_index;
+    const at::Tensor safe = at::where(valid, tb, at::zeros_like(tb)).unsqueeze(1);
+    at::Tensor lb = lse - (1 - a.label_smoothing) * z.gather(1, safe).squeeze(1);
+    if (a.label_smoothing != 0) lb = lb - a.label_smoothing * z.mean({1});
+    if (a.z_loss != 0) lb = lb + a.z_loss * lse * lse;
+    loss.slice(0, r0, r1).copy_(at::where(valid, lb, at::zeros_like(lb)));
+    if (!with_grad) continue;
+    // d loss / dz = softmax(z) (1 + 2 z_loss lse) - (1 - eps) onehot(t) - eps / V, times the row's weight
+    at::Tensor dz = at::exp(z - lse.unsqueeze(1));
+    if (a.z_loss != 0) dz.mul_((1 + 2 * a.z_loss * lse).unsqueeze(1));
+    if (a.label_smoothing != 0) dz.sub_(a.label_smoothing / vocab);
+    dz.scatter_add_(1, safe, at::full({r1 - r0, 1}, -(1 - a.label_smoothing), fopts));
+    dz.mul_(at::where(valid, row_weights.slice(0, r0, r1).to(compute), 0).unsqueeze(1));
+    if (a.softcap > 0) dz.mul_(1 - capped * capped);
+    at::Tensor grad_xb = grad_x.slice(0, r0, r1);
+    at::mm_out(grad_xb, dz.to(x.scalar_type()), weight);
+    // 16-bit blocks are multiplied in float: their sum over blocks keeps float's digits, as native's one
+    // product does
+    grad_w.addmm_(dz.t(), compute == x.scalar_type() ? xb : xb.to(compute));
+    if (grad_b.defined()) grad_b.add_(dz.sum(0));
+  }
+  if (!with_grad) return {loss, at::Tensor(), at::Tensor(), at::Tensor()};
+  return {loss, grad_x, grad_w.to(x.scalar_type()), grad_b.defined() ? grad_b.to(x.scalar_type()) : empty0(x)};
+}
+
+// What each row's loss counts in the reduced loss: 1 / (the divisor, or the number of rows not ignored for
+// "mean", or 1 for "sum"), a scalar tensor (no synchronisation); undefined for "none".
+at::Tensor loss_row_weight(const at::Tensor& target, const LossArgs& a, c10::string_view reduction,
+                           std::optional<double> divisor, at::ScalarType compute) {
+  if (reduction == "none") return at::Tensor();
+  const auto opts = target.options().dtype(compute);
+  if (divisor.has_value()) return at::full({}, 1.0 / *divisor, opts);
+  if (reduction == "sum") return at::ones({}, opts);
+  return 1 / (target != a.ignore_index).sum().to(compute);  // inf where every row is ignored: 0/0 = NaN, as native
+}
+
+LossArgs check_loss_args(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& target, int64_t ignore_index, double label_smoothing, double softcap,
+                         double z_loss, c10::string_view reduction, std::optional<double> divisor, const char* op) {
+  TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", op,
+                    ": reduction must be mean, sum or none, got ", std::string(reduction));
+  TORCH_CHECK_VALUE(!divisor.has_value() || (std::isfinite(*divisor) && *divisor != 0), op,
+                    ": divisor must be finite and nonzero, got ", show(divisor.value_or(0.0)));
+  check_floating(input, op, "input");
+  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (tokens, hidden), got shape ", show(input.sizes()));
+  check_weight(input, weight, input.size(1), op, "weight");
+  check_bias(input, bias, weight.size(0), op, "bias");
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op, ": target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == input.size(0), op, ": target must be 1-D of size ",
+              show(input.size(0)), " (one class per row of input), got shape ", show(target.sizes()));
+  TORCH_CHECK(target.device() == input.device(), op, ": target must be on the device of input");
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1, op, ": label_smoothing must be in [0, 1], got ",
+                    show(label_smoothing));
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and > 0 (0: none), got ",
+                    show(softcap));
+  TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0, op, ": z_loss must be finite and >= 0, got ", show(z_loss));
+  if (input.size(0) > 0 && weight.size(0) > 0) {
+    const at::Tensor bad = (target != ignore_index) & ((target < 0) | (target >= weight.size(0)));
+    TORCH_CHECK_INDEX(!bad.any().item<bool>(), op, ": target holds a class outside [0, ", show(weight.size(0)),
+                      ") that is not ignore_index (", show(ignore_index), ")");
+  }
+  return {ignore_index, label_smoothing, softcap, z_loss};
+}
+
+// input: (N, H), weight: (V, H), bias: (V), target: (N)
+//   -> loss: () reduced ("mean", "sum": divided by divisor where given) or (N) ("none"), in input's dtype;
+//      with_grad (a scalar reduction): the gradients of that loss, grad_input (N, H), grad_weight (V, H),
+//      grad_bias (V) ((0) without bias), computed in the same blocks; each (0) unless with_grad
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+    int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
+    std::optional<double> divisor, bool with_grad) {
+  constexpr const char* op = "bpext.linear_cross_entropy_forward";
+  const LossArgs a = check_loss_args(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss,
+                                     reduction, divisor, op);
+  TORCH_CHECK(!with_grad || reduction != "none", op, ": with_grad needs a scalar reduction (mean or sum)");
+  const c10::OptionalDeviceGuard guard(input.device());
+  const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor scale = loss_row_weight(target, a, reduction, divisor, compute);
+  const at::Tensor row_weights = with_grad ? scale.expand({input.size(0)}) : at::Tensor();
+  auto [rows, gx, gw, gb] = loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights);
+  const at::Tensor loss = (reduction == "none" ? rows : rows.sum() * scale).to(input.scalar_type());
+  if (!with_grad) return {loss, empty0(input), empty0(input), empty0(input)};
+  return {loss, gx, gw, gb};
+}
+
+// grad_loss: () or (N), as the loss -> grad_input (N, H), grad_weight (V, H), grad_bias (V) ((0) without bias):
+// the logits recomputed block by block
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& target, int64_t ignore_index, double label_smoothing,
+    double softcap, double z_loss, c10::string_view reduction, std::optional<double> divisor) {
+  constexpr const char* op = "bpext.linear_cross_entropy_backward";
+  const LossArgs a = check_loss_args(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss,
+                                     reduction, divisor, op);
+  check_floating(grad_loss, op, "grad_loss");
+  const bool rows = reduction == "none";
+  TORCH_CHECK(rows ? grad_loss.dim() == 1 && grad_loss.size(0) == input.size(0) : grad_loss.dim() == 0, op,
+              ": grad_loss must have the loss's shape (", rows ? "1-D, one per row" : "a scalar", "), got shape ",
+              show(grad_loss.sizes()));
+  TORCH_CHECK(grad_loss.device() == input.device(), op, ": grad_loss must be on the device of input");
+  const c10::OptionalDeviceGuard guard(input.device());
+  const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = grad_loss.to(compute);
+  const at::Tensor row_weights = rows ? g : (g * loss_row_weight(target, a, reduction, divisor, compute)).expand({input.size(0)});
+  auto [loss, gx, gw, gb] = loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights);
+  return {gx, gw, gb};
+}
+
 }  // namespace
 
 const Backend& backend_for(c10::DeviceType device) {
@@ -536,6 +689,8 @@ bool register_backend(c10::DispatchKey key, c10::DeviceType device, const Backen
   m.impl("gated_mlp_backward", TORCH_FN(gated_mlp_backward));
   m.impl("mlp_forward", TORCH_FN(mlp_forward));
   m.impl("mlp_backward", TORCH_FN(mlp_backward));
+  m.impl("linear_cross_entropy_forward", TORCH_FN(linear_cross_entropy_forward));
+  m.impl("linear_cross_entropy_backward", TORCH_FN(linear_cross_entropy_backward));
   return true;
 }
 

@@ -77,6 +77,20 @@ void define_ops(torch::Library& m) {
       "str activation, float[] params, str output_activation, float[] output_params, bool input_grad) "
       "-> (Tensor, Tensor[], Tensor[])");
 
+  // The last dense layer with its cross-entropy loss, the (N, V) logits never whole (kernels/ops.cpp).
+  // input: (N, H), weight: (V, H), bias: (V), target: (N) int64 -> loss: () ("mean", "sum"; divided by
+  //   divisor where given) or (N) ("none"), and when with_grad the loss's gradients grad_input, grad_weight,
+  //   grad_bias, computed in the same blocks, else (0)
+  m.def(
+      "linear_cross_entropy_forward(Tensor input, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
+      "float label_smoothing, float softcap, float z_loss, str reduction, float? divisor, bool with_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // grad_loss: the loss's shape -> grad_input, grad_weight, grad_bias ((0) without bias), the logits recomputed
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, Tensor? bias, Tensor target, "
+      "int ignore_index, float label_smoothing, float softcap, float z_loss, str reduction, float? divisor) "
+      "-> (Tensor, Tensor, Tensor)");
+
   // The activation list (bpext/activations.h) as text, one line per activation:
   // "name saves param=default:rule ...". bpext/activations.py builds its registry from it.
   m.def("_activation_table() -> str", [] {

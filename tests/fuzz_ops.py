@@ -82,6 +82,18 @@ def sample(rng, op: str):
     if op == "gated_mlp_backward":
         return (gy, x, wg, wu, wd, related(rng, rows, hidden, dtype), related(rng, rows, hidden, dtype), act, params,
                 mask(7))
+    if op.startswith("linear_cross_entropy"):
+        tokens = rng.randint(0, 4)
+        target = (torch.tensor([rng.choice([-100, -1, 0, 1, 2, 3, 7]) for _ in range(tokens)], dtype=torch.int64)
+                  if rng.random() < 0.9 else tensor(rng))
+        reduction = rng.choice(["mean", "sum", "none", "avg"])
+        options = (rng.choice([-100, 0]), rng.choice([0.0, 0.1, 1.5]), rng.choice([0.0, 30.0, -1.0]),
+                   rng.choice([0.0, 1e-4, float("nan")]), reduction, rng.choice([None, 4.0, 0.0]))
+        xl = related(rng, [tokens], fin, dtype)
+        if op == "linear_cross_entropy_forward":
+            return (xl, w, b, target, *options, rng.random() < 0.5)
+        grad_loss = tensor(rng, [tokens] if reduction == "none" else [], dtype) if rng.random() < 0.9 else tensor(rng)
+        return (grad_loss, xl, w, b, target, *options)
     layers = rng.randint(0, 3)
     widths = [fin] + [rng.randint(0, 4) for _ in range(layers)]
     ws = [related(rng, [b_], a, dtype) for a, b_ in zip(widths[:-1], widths[1:])]
@@ -113,6 +125,12 @@ def native(op: str, args):
         x, wg, bg, wu, bu, name, params, _ = args
         act = bpext.activations.resolve_by_values(name, tuple(params))
         return act.reference(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+    if op == "linear_cross_entropy_forward":
+        x, w, b, target, ignore_index, smoothing, softcap, z_loss, reduction, divisor, _ = args
+        if softcap or z_loss or divisor is not None:
+            return None
+        return F.cross_entropy(F.linear(x, w, b), target, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=smoothing)
     return None
 
 
