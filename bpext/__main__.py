@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-SUITES = ("activation", "dense", "mlp", "transformer")
+SUITES = ("activation", "dense", "mlp", "transformer", "loss")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -149,7 +149,8 @@ def _loss_grads(input, weight, bias):
 @torch.library.register_fake("bpext::linear_cross_entropy_forward")
 def _(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, reduction, divisor, with_grad):
     _check_loss("linear_cross_entropy_forward", input, weight, bias, target)
-    loss = input.new_empty((input.shape[0],) if reduction == "none" else ())
+    loss = input.new_empty((input.shape[0],) if reduction == "none" else (),
+                           dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
     if with_grad:
         return loss, *_loss_grads(input, weight, bias)
     return loss, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))

@@ -30,7 +30,7 @@ from .activations import ACTIVATIONS, resolve
 
 @dataclass
 class Row:
-    suite: str  # "activation", "dense" or "mlp"
+    suite: str  # "activation", "dense", "mlp", "transformer" or "loss"
     case: str
     variant: str  # "bpext", "native", "compiled", "gemm-floor", "copy", ...
     phase: str  # "fwd", "bwd" or "fwd+bwd"
@@ -240,6 +240,38 @@ class Bench:
             self._tick(f"transformer {kind}")
 
 
+    # -- the loss step: LM head + cross-entropy -------------------------------------------------
+
+    def loss_shapes(self) -> list[tuple[int, int, int]]:
+        """(tokens, vocab, hidden)."""
+        if self.quick:
+            return [(512, 8192, 128)]
+        if self.device.startswith("cuda"):
+            return [(tokens, vocab, 4096) for tokens in (1024, 4096, 16384) for vocab in (32000, 128256)]
+        return [(1024, 32000, 256), (4096, 32000, 256), (1024, 128256, 256)]
+
+    def losses(self) -> None:
+        """F.cross_entropy(F.linear(h, W), t) natively, compiled, and as bpext's linear_cross_entropy:
+        forward and backward, what autograd keeps, and (CUDA) the peak memory of a step."""
+        for tokens, vocab, hidden in self.loss_shapes():
+            g = torch.Generator().manual_seed(0)
+            h = torch.randn(tokens, hidden, generator=g).to(self.device, self.dtype).requires_grad_()
+            w = (torch.randn(vocab, hidden, generator=g) / hidden**0.5).to(self.device, self.dtype).requires_grad_()
+            t = torch.randint(0, vocab, (tokens,), generator=g).to(self.device)
+            native = lambda h, w: torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w), t)  # noqa: E731
+            variants = {"bpext": lambda h, w: functional.linear_cross_entropy(h, w, t), "native": native}
+            if self.compile_native:
+                variants["compiled"] = _compile(native)
+            flop = 2 * tokens * hidden * vocab * 3
+            for variant, fn in variants.items():
+                step = lambda fn=fn: torch.autograd.grad(fn(h, w), [h, w])  # noqa: E731
+                ms = self.t(step)
+                self.rows.append(Row("loss", f"{tokens} tokens x vocab {vocab}, hidden {hidden}", variant, "fwd+bwd",
+                                     ms, tflops=flop / ms / 1e9, saved_bytes=saved_bytes(lambda fn=fn: fn(h, w), [h, w]),
+                                     peak_mb=peak_mb(step, self.device)))
+            self._tick(f"loss {tokens}x{vocab}")
+
+
 class BertFFN(nn.Module):
     """BERT's feed-forward block as transformers writes it: an intermediate module (Linear, then
     an activation module) and an output Linear in another module."""
@@ -361,7 +393,7 @@ def run(device: str, dtype: torch.dtype, quick: bool, out_dir: str, suites: list
     bench = Bench(device, dtype, quick, compile_native)
     total = (len(bench.activation_names()) * ("activation" in suites)
              + 2 * len(bench.dense_shapes()) * ("dense" in suites) + 2 * len(bench.mlp_shapes()) * ("mlp" in suites)
-             + len(bench.transformer_shapes()) * ("transformer" in suites))
+             + len(bench.transformer_shapes()) * ("transformer" in suites) + len(bench.loss_shapes()) * ("loss" in suites))
     with tqdm(total=total, desc=f"bench {device} {str(dtype).removeprefix('torch.')}", unit="case") as bar:
         bench.progress = bar
         if "activation" in suites:
@@ -372,6 +404,8 @@ def run(device: str, dtype: torch.dtype, quick: bool, out_dir: str, suites: list
             bench.mlps()
         if "transformer" in suites:
             bench.transformers()
+        if "loss" in suites:
+            bench.losses()
     info = machine_info(device)
     info["dtype"] = str(dtype).removeprefix("torch.")
     title = f"bpext vs native on {info.get('gpu', info['cpu'])} ({info['dtype']}, torch {info['torch']})"

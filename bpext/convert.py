@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from . import causal_lm
 from . import functional as F
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
@@ -61,6 +62,8 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
         fused = _fused_forward(module)
         for rewrite in fused.rewrites.values() if fused is not None else ():
             rewrite.assumed = _Assumed.of(module, rewrite.fused, rewrite.groups)
+        if fuse:
+            causal_lm.wire(module)
     return model
 
 
@@ -74,6 +77,8 @@ def fusions(model: nn.Module) -> dict[str, list[str]]:
             found = fused.descriptions()
             if found:
                 out[name] = found
+        elif isinstance(module.__dict__.get("forward"), causal_lm.CausalLMForward) and module.training:
+            out[name] = ["linear_cross_entropy(lm_head)"]  # in training, with labels
     return out
 
 

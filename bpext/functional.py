@@ -653,7 +653,7 @@ class LinearCrossEntropyFunction(Function):
             raise NotImplementedError(DOUBLE_BACKWARD_OF_LOSS)
         needs = ctx.needs_input_grad
         if ctx.with_grad:
-            grads = [g * grad_loss for g in ctx.saved_tensors]
+            grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         else:
             input, weight, bias, target = ctx.saved_tensors
             grads = _fused(ops.linear_cross_entropy_backward, grad_loss, input, weight, bias, target, *ctx.options)
@@ -977,6 +977,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     z_loss: float = 0.0,
     divisor: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` in one op, the (tokens, vocab)
     logits never whole: input (*, hidden), weight (vocab, hidden), target (*) int64.
@@ -986,8 +987,8 @@ def linear_cross_entropy(
     logits at ``softcap * tanh(logits / softcap)`` (Gemma 2); ``z_loss`` adds ``z_loss * lse^2``
     per token (PaLM); ``divisor`` divides the summed loss instead of the count of tokens
     (transformers' ``num_items_in_batch`` under gradient accumulation). Computed in float32 for
-    16-bit inputs and returned in input's dtype; under ``torch.autocast`` the inputs are cast first,
-    as ``nn.Linear``'s are.
+    16-bit inputs and returned in ``dtype`` (default: input's, as F.cross_entropy; float32 under
+    ``torch.autocast``, which casts the inputs first, as ``nn.Linear``'s are).
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -1005,7 +1006,8 @@ def linear_cross_entropy(
         loss = ops.linear_cross_entropy_forward(rows, weight, bias, tokens, *options, with_grad)[0]
     else:
         loss = LinearCrossEntropyFunction.apply(rows, weight, bias, tokens, options, with_grad)[0]
-    if torch._C._is_any_autocast_enabled() and input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(
-            input.device.type):
-        loss = loss.float()  # autocast computes cross-entropy in float32
+    if dtype is None:  # autocast computes cross-entropy in float32
+        autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type)
+        dtype = torch.float32 if autocast else input.dtype
+    loss = loss.to(dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

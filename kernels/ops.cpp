@@ -520,6 +520,8 @@ struct LossArgs {
 // Rows per block: a block's logits (rows x V, in float) take about 32 MB.
 int64_t loss_block_rows(int64_t rows, int64_t vocab) {
   return std::clamp<int64_t>((int64_t{32} << 20) / (4 * std::max<int64_t>(vocab, 1)), 1, std::max<int64_t>(rows, 1));
+} << 20) / (4 * std::max<int64_t>(vocab, 1));
+  return std::clamp<int64_t>(std::max<int64_t>(fit, 128), 1, std::max<int64_t>(rows, 1));
 }
 
 // input: (N, H), weight: (V, H), bias: (V) or undefined, target: (N) -> loss: (N), in the compute type (float for
@@ -617,7 +619,7 @@ LossArgs check_loss_args(const at::Tensor& input, const at::Tensor& weight, cons
 }
 
 // input: (N, H), weight: (V, H), bias: (V), target: (N)
-//   -> loss: () reduced ("mean", "sum": divided by divisor where given) or (N) ("none"), in input's dtype;
+//   -> loss: () reduced ("mean", "sum": divided by divisor where given) or (N) ("none"), in the compute type;
 //      with_grad (a scalar reduction): the gradients of that loss, grad_input (N, H), grad_weight (V, H),
 //      grad_bias (V) ((0) without bias), computed in the same blocks; each (0) unless with_grad
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
@@ -633,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_
   const at::Tensor scale = loss_row_weight(target, a, reduction, divisor, compute);
   const at::Tensor row_weights = with_grad ? scale.expand({input.size(0)}) : at::Tensor();
   auto [rows, gx, gw, gb] = loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights);
-  const at::Tensor loss = (reduction == "none" ? rows : rows.sum() * scale).to(input.scalar_type());
+  const at::Tensor loss = reduction == "none" ? rows : rows.sum() * scale;
   if (!with_grad) return {loss, empty0(input), empty0(input), empty0(input)};
   return {loss, gx, gw, gb};
 }
