@@ -2,7 +2,7 @@
 
 Covers each activation's forward, backward and double backward (packed and unaligned/tail
 paths), dense forward and backward in every dtype (packed and unpacked widths, both
-epilogue paths, with and without bias), the gated layers (with bias sums) and the MLP."""
+epilogue paths, with and without bias), the gated layers (with bias sums), the MLP and the loss."""
 
 import torch
 
@@ -33,5 +33,11 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             bpext.nn.GatedMLP(48, fout, 16, bias=fout == 37, activation=name, **kw)(x).sum().backward()
     x = torch.randn(70, 24, **kw, requires_grad=True)
     bpext.nn.MLP(24, [32, 32], 8, activation="gelu", output_activation="tanh", **kw)(x).sum().backward()
+    # the loss: gradients in forward (mean), recomputed in backward (none), every option
+    head = bpext.nn.LinearCrossEntropy(24, 1000, bias=True, label_smoothing=0.1, softcap=30.0, z_loss=1e-4, **kw)
+    target = torch.randint(0, 1000, (70,), device="cuda")
+    target[:5] = -100
+    head(x, target).backward()
+    bpext.functional.linear_cross_entropy(x, head.weight, target, reduction="none").sum().backward()
 torch.cuda.synchronize()
 print("cuda smoke: all kernels ran")
