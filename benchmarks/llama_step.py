@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
 import transformers
 
 import bpext
+from pairs import interleaved
 
 
 def saved_bytes(model, ids) -> int:
@@ -53,20 +52,12 @@ def main() -> None:
 
     saved = {"native": saved_bytes(native, ids), "bpext": saved_bytes(ours, ids)}
     step(native), step(ours)
-    ratios = []
-    for i in range(args.pairs):
-        t = {}
-        for name, model in (("native", native), ("bpext", ours)) if i % 2 == 0 else (("bpext", ours), ("native", native)):
-            start = time.perf_counter()
-            step(model)
-            t[name] = time.perf_counter() - start
-        ratios.append(t["native"] / t["bpext"])
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    r = interleaved(lambda: step(native), lambda: step(ours), args.pairs)
     print(f"LLaMA step (hidden 256, 4 layers, vocab 32000, 4 x 256 tokens, float32, {torch.get_num_threads()} threads, "
           f"bpext {bpext.CPU_KERNELS}); fused: {sorted({f for fs in bpext.fusions(ours).values() for f in fs})}")
     print(f"saved for backward: native {saved['native'] / 2**20:.1f} MB, bpext {saved['bpext'] / 2**20:.1f} MB "
           f"({saved['bpext'] / saved['native']:.2f}x)")
-    print(f"step time native/bpext: median {statistics.median(ratios):.2f} (IQR {q[0]:.2f}-{q[2]:.2f}, "
+    print(f"step time native/bpext: median {r['ratio']:.2f} (IQR {r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}, "
           f"{args.pairs} interleaved pairs)")
 
 

@@ -8,15 +8,14 @@ against F.cross_entropy(F.linear(...)). Peak memory growth of one step, each in 
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import bpext
+from pairs import interleaved
 
 
 def step(variant: str, h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> None:
@@ -58,23 +57,13 @@ def main() -> None:
     memory = {v: peak_growth_mb(v, args) for v in ("native", "bpext")}
     h, w, t = inputs(args.tokens, args.vocab, args.hidden)
     step("native", h, w, t), step("bpext", h, w, t)  # warm up
-    ratios, times = [], {"native": [], "bpext": []}
-    for i in range(args.pairs):
-        pair = {}
-        for variant in ("native", "bpext") if i % 2 == 0 else ("bpext", "native"):
-            start = time.perf_counter()
-            step(variant, h, w, t)
-            pair[variant] = time.perf_counter() - start
-            times[variant].append(pair[variant])
-        ratios.append(pair["native"] / pair["bpext"])
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    r = interleaved(lambda: step("native", h, w, t), lambda: step("bpext", h, w, t), args.pairs)
     print(f"LM head + cross-entropy, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, float32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, bpext {bpext.__version__} ({bpext.CPU_KERNELS})")
     print(f"peak memory growth: native {memory['native']:.0f} MB, bpext {memory['bpext']:.0f} MB "
           f"({memory['bpext'] / memory['native']:.3f}x)")
-    print(f"time fwd+bwd: native {statistics.median(times['native']) * 1e3:.0f} ms, bpext "
-          f"{statistics.median(times['bpext']) * 1e3:.0f} ms; native/bpext median {statistics.median(ratios):.2f} "
-          f"(IQR {q[0]:.2f}-{q[2]:.2f}, {args.pairs} interleaved pairs)")
+    print(f"time fwd+bwd: native {r['native_s'] * 1e3:.0f} ms, bpext {r['bpext_s'] * 1e3:.0f} ms; native/bpext median "
+          f"{r['ratio']:.2f} (IQR {r['iqr'][0]:.2f}-{r['iqr'][1]:.2f}, {args.pairs} interleaved pairs)")
 
 
 if __name__ == "__main__":

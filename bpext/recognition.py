@@ -73,7 +73,7 @@ def activation_of_module(module: nn.Module) -> ResolvedActivation | None:
     return resolve(name) if name is not None else None
 
 
-def _unwrapped(fn):
+def _partial_parts(fn):
     """(function, keyword arguments fixed by a functools.partial)."""
     return (fn.func, dict(fn.keywords)) if isinstance(fn, functools.partial) else (fn, {})
 
@@ -93,7 +93,7 @@ def _by_function() -> dict:
     for spec in REGISTRY.values():
         if spec.name == "identity":
             continue
-        fn, required = _unwrapped(spec.torch.reference)
+        fn, required = _partial_parts(spec.torch.reference)
         optional = {k: v for k, v in spec.torch.fixed.items() if k not in required}
         out.setdefault(fn, []).append((spec, required, optional))
     return out
