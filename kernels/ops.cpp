@@ -520,8 +520,6 @@ struct LossArgs {
 // Rows per block: a block's logits (rows x V, in float) take about 32 MB.
 int64_t loss_block_rows(int64_t rows, int64_t vocab) {
   return std::clamp<int64_t>((int64_t{32} << 20) / (4 * std::max<int64_t>(vocab, 1)), 1, std::max<int64_t>(rows, 1));
-} << 20) / (4 * std::max<int64_t>(vocab, 1));
-  return std::clamp<int64_t>(std::max<int64_t>(fit, 128), 1, std::max<int64_t>(rows, 1));
 }
 
 // input: (N, H), weight: (V, H), bias: (V) or undefined, target: (N) -> loss: (N), in the compute type (float for
