@@ -143,17 +143,16 @@ def _check_loss(op, input, weight, bias, target):
 
 def _loss_grads(input, weight, bias):
     return (input.new_empty(input.shape), input.new_empty(weight.shape),
-            input.new_empty((weight.shape[0],) if bias is not None else (0,)))
+            input.new_empty((weight.shape[0],) if bias is not None else (0,)))  # (0): no bias
 
 
 @torch.library.register_fake("bpext::linear_cross_entropy_forward")
-def _(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, reduction, divisor, with_grad):
+def _(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss, reduction, divisor, output_mask):
     _check_loss("linear_cross_entropy_forward", input, weight, bias, target)
     loss = input.new_empty((input.shape[0],) if reduction == "none" else (),
                            dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
-    if with_grad:
-        return loss, *_loss_grads(input, weight, bias)
-    return loss, input.new_empty((0,)), input.new_empty((0,)), input.new_empty((0,))
+    grads = _loss_grads(input, weight, bias)
+    return loss, *(g if asked else input.new_empty((0,)) for g, asked in zip(grads, output_mask))
 
 
 @torch.library.register_fake("bpext::linear_cross_entropy_backward")

@@ -29,12 +29,13 @@ from .nn import Dense
 
 __all__ = ["CAUSAL_LMS", "wire"]
 
+# {class path: whether its forward soft-caps the logits with config.final_logit_softcapping}
 CAUSAL_LMS = {
-    f"transformers.models.{path}" for path in (
-        "llama.modeling_llama.LlamaForCausalLM", "mistral.modeling_mistral.MistralForCausalLM",
-        "qwen2.modeling_qwen2.Qwen2ForCausalLM", "qwen3.modeling_qwen3.Qwen3ForCausalLM",
-        "gemma.modeling_gemma.GemmaForCausalLM", "gemma2.modeling_gemma2.Gemma2ForCausalLM",
-        "phi3.modeling_phi3.Phi3ForCausalLM", "gpt2.modeling_gpt2.GPT2LMHeadModel")
+    f"transformers.models.{path}": softcap for path, softcap in (
+        ("llama.modeling_llama.LlamaForCausalLM", False), ("mistral.modeling_mistral.MistralForCausalLM", False),
+        ("qwen2.modeling_qwen2.Qwen2ForCausalLM", False), ("qwen3.modeling_qwen3.Qwen3ForCausalLM", False),
+        ("gemma.modeling_gemma.GemmaForCausalLM", False), ("gemma2.modeling_gemma2.Gemma2ForCausalLM", True),
+        ("phi3.modeling_phi3.Phi3ForCausalLM", False), ("gpt2.modeling_gpt2.GPT2LMHeadModel", False))
 }
 
 _CALL = contextvars.ContextVar("bpext_causal_lm_call", default=None)
@@ -76,12 +77,12 @@ class LossFunction:
         hidden, call.hidden = call.hidden, None
         if shift_labels is None:  # tokens < n predict n
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-        head = self.model.lm_head
+        head, cls = self.model.lm_head, type(self.model)
         divisor = None if num_items_in_batch is None else float(num_items_in_batch)
+        softcap = self.model.config.final_logit_softcapping if CAUSAL_LMS[f"{cls.__module__}.{cls.__qualname__}"] else None
         return linear_cross_entropy(hidden, head.weight, shift_labels.to(hidden.device), head.bias,
                                     ignore_index=ignore_index, reduction="mean" if divisor is None else "sum",
-                                    softcap=getattr(self.model.config, "final_logit_softcapping", None),
-                                    divisor=divisor, dtype=torch.float32)
+                                    softcap=softcap, divisor=divisor, dtype=torch.float32)
 
 
 class CausalLMForward(functools.partial):
@@ -129,6 +130,9 @@ def wire(model: nn.Module) -> bool:
         return False
     head = model._modules.get("lm_head")
     if type(head) not in (nn.Linear, Dense) or "forward" in head.__dict__:
+        return False
+    # transformers' own ForCausalLMLoss only: a loss_function set on the model computes something else
+    if "_loss_function" in model.__dict__ or getattr(model.loss_function, "__name__", None) != "ForCausalLMLoss":
         return False
     head.__dict__["forward"] = HeadForward(head)
     model.loss_function = LossFunction(model, model.loss_function)

@@ -626,23 +626,29 @@ DOUBLE_BACKWARD_OF_LOSS = ("bpext.linear_cross_entropy has no double backward: i
 
 class LinearCrossEntropyFunction(Function):
     """loss = cross_entropy(input @ weight.T + bias, target) in one op, the (tokens, vocab) logits
-    never whole. With a scalar reduction and a gradient to compute, the op computes the loss's
-    gradients in the same blocks (three matrix products, as native's forward and backward) and
-    keeps only them; backward scales them by the loss's gradient. With reduction="none", backward
-    recomputes the logits block by block from input, weight and target."""
+    never whole. With a scalar reduction, the op computes the gradients ``mask`` asks for (those of
+    the inputs that require one) in the same blocks (three matrix products, as native's forward and
+    backward) and keeps only them; backward scales them by the loss's gradient, in float32. With
+    reduction="none", or float16 inputs (a GradScaler's scale would overflow gradients made at scale
+    1), backward recomputes the logits block by block with the loss's gradient."""
 
     @staticmethod
-    def forward(input, weight, bias, target, options: tuple, with_grad: bool):
-        return ops.linear_cross_entropy_forward(input, weight, bias, target, *options, with_grad)
+    def forward(input, weight, bias, target, options: tuple, mask: tuple):
+        return ops.linear_cross_entropy_forward(input, weight, bias, target, *options, list(mask))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, target, options, with_grad = inputs
+        input, weight, bias, target, options, mask = inputs
         _, *grads = output
         ctx.mark_non_differentiable(*grads)
         ctx.set_materialize_grads(False)
-        ctx.options, ctx.with_grad, ctx.has_bias = options, with_grad, bias is not None
-        ctx.save_for_backward(*grads) if with_grad else ctx.save_for_backward(input, weight, bias, target)
+        # the gradients made in forward serve where they are every one backward needs
+        covered = any(mask) and all(m or not need for m, need in zip(mask, ctx.needs_input_grad[:3]))
+        ctx.options, ctx.with_grad, ctx.has_bias = options, covered, bias is not None
+        if covered:
+            ctx.save_for_backward(*(g if m else None for g, m in zip(grads, mask)))
+        else:
+            ctx.save_for_backward(input, weight, bias, target)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
@@ -653,7 +659,8 @@ class LinearCrossEntropyFunction(Function):
             raise NotImplementedError(DOUBLE_BACKWARD_OF_LOSS)
         needs = ctx.needs_input_grad
         if ctx.with_grad:
-            grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+            grads = [None if g is None else g * grad_loss if g.dtype == torch.float64 else
+                     (g.float() * grad_loss.float()).to(g.dtype) for g in ctx.saved_tensors]
         else:
             input, weight, bias, target = ctx.saved_tensors
             grads = _fused(ops.linear_cross_entropy_backward, grad_loss, input, weight, bias, target, *ctx.options)
@@ -790,8 +797,8 @@ for _op, _definition in (("dense_backward", _dense_backward_definition),
     _register_backward_op(_op, _definition)
 
 def _loss_op_setup_context(ctx, inputs, output):
-    input, weight, bias, target, *options, with_grad = inputs
-    LinearCrossEntropyFunction.setup_context(ctx, (input, weight, bias, target, tuple(options), with_grad), output)
+    input, weight, bias, target, *options, mask = inputs
+    LinearCrossEntropyFunction.setup_context(ctx, (input, weight, bias, target, tuple(options), tuple(mask)), output)
 
 
 def _loss_op_backward(ctx, *grads):
@@ -1001,11 +1008,12 @@ def linear_cross_entropy(
     rows, tokens = _rows(input), target.reshape(-1)
     options = (int(ignore_index), float(label_smoothing), float(softcap or 0.0), float(z_loss), reduction,
                None if divisor is None else float(divisor))
-    with_grad = reduction != "none" and _builds_graph(input, weight, bias)
+    in_forward = reduction != "none" and input.dtype != torch.float16 and _builds_graph(input, weight, bias)
+    mask = tuple(in_forward and t is not None and t.requires_grad for t in (input, weight, bias))
     if _through_ops():
-        loss = ops.linear_cross_entropy_forward(rows, weight, bias, tokens, *options, with_grad)[0]
+        loss = ops.linear_cross_entropy_forward(rows, weight, bias, tokens, *options, list(mask))[0]
     else:
-        loss = LinearCrossEntropyFunction.apply(rows, weight, bias, tokens, options, with_grad)[0]
+        loss = LinearCrossEntropyFunction.apply(rows, weight, bias, tokens, options, mask)[0]
     if dtype is None:  # autocast computes cross-entropy in float32
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type)
         dtype = torch.float32 if autocast else input.dtype

@@ -525,20 +525,21 @@ int64_t loss_block_rows(int64_t rows, int64_t vocab) {
 // input: (N, H), weight: (V, H), bias: (V) or undefined, target: (N) -> loss: (N), in the compute type (float for
 // the 16-bit types), 0 where the target is ignored: lse - (1 - eps) z_t - eps mean(z) + z_loss lse^2 of the
 // logits z = x W^T + b (softcap * tanh(z / softcap) where capped). With row_weights ((N), defined) also the
-// gradients of sum_i row_weights_i loss_i: grad_input (N, H), grad_weight (V, H), grad_bias (V), computed block
-// by block, never holding more than one block's logits.
+// gradients of sum_i row_weights_i loss_i that mask asks for: grad_input (N, H), grad_weight (V, H), grad_bias
+// (V), computed block by block, never holding more than one block's logits.
 std::array<at::Tensor, 4> loss_blocks(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                                      const at::Tensor& target, const LossArgs& a, const at::Tensor& row_weights) {
+                                      const at::Tensor& target, const LossArgs& a, const at::Tensor& row_weights,
+                                      std::array<bool, 3> mask) {
   const int64_t rows = x.size(0), vocab = weight.size(0);
-  const bool with_grad = row_weights.defined();
+  const bool with_grad = row_weights.defined() && (mask[0] || mask[1] || (mask[2] && bias.defined()));
   const auto compute = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto fopts = x.options().dtype(compute);
   at::Tensor loss = at::zeros({rows}, fopts);
   at::Tensor grad_x, grad_w, grad_b;
   if (with_grad) {
-    grad_x = at::empty(x.sizes(), x.options());
-    grad_w = at::zeros(weight.sizes(), fopts);  // summed over blocks in the compute type, rounded once
-    grad_b = bias.defined() ? at::zeros({vocab}, fopts) : at::Tensor();
+    if (mask[0]) grad_x = at::empty(x.sizes(), x.options());
+    if (mask[1]) grad_w = at::zeros(weight.sizes(), fopts);  // summed over blocks in the compute type, rounded once
+    if (mask[2] && bias.defined()) grad_b = at::zeros({vocab}, fopts);
   }
   const at::Tensor w_t = weight.t();
   const int64_t block = loss_block_rows(rows, vocab);
@@ -566,15 +567,17 @@ std::array<at::Tensor, 4> loss_blocks(const at::Tensor& x, const at::Tensor& wei
     dz.scatter_add_(1, safe, at::full({r1 - r0, 1}, -(1 - a.label_smoothing), fopts));
     dz.mul_(at::where(valid, row_weights.slice(0, r0, r1).to(compute), 0).unsqueeze(1));
     if (a.softcap > 0) dz.mul_(1 - capped * capped);
-    at::Tensor grad_xb = grad_x.slice(0, r0, r1);
-    at::mm_out(grad_xb, dz.to(x.scalar_type()), weight);
+    if (grad_x.defined()) {
+      at::Tensor grad_xb = grad_x.slice(0, r0, r1);
+      at::mm_out(grad_xb, dz.to(x.scalar_type()), weight);
+    }
     // 16-bit blocks are multiplied in float: their sum over blocks keeps float's digits, as native's one
     // product does
-    grad_w.addmm_(dz.t(), compute == x.scalar_type() ? xb : xb.to(compute));
+    if (grad_w.defined()) grad_w.addmm_(dz.t(), compute == x.scalar_type() ? xb : xb.to(compute));
     if (grad_b.defined()) grad_b.add_(dz.sum(0));
   }
-  if (!with_grad) return {loss, at::Tensor(), at::Tensor(), at::Tensor()};
-  return {loss, grad_x, grad_w.to(x.scalar_type()), grad_b.defined() ? grad_b.to(x.scalar_type()) : empty0(x)};
+  const auto out = [&](const at::Tensor& g) { return g.defined() ? g.to(x.scalar_type()) : empty0(x); };
+  return {loss, out(grad_x), out(grad_w), out(grad_b)};
 }
 
 // What each row's loss counts in the reduced loss: 1 / (the divisor, or the number of rows not ignored for
@@ -618,24 +621,23 @@ LossArgs check_loss_args(const at::Tensor& input, const at::Tensor& weight, cons
 
 // input: (N, H), weight: (V, H), bias: (V), target: (N)
 //   -> loss: () reduced ("mean", "sum": divided by divisor where given) or (N) ("none"), in the compute type;
-//      with_grad (a scalar reduction): the gradients of that loss, grad_input (N, H), grad_weight (V, H),
-//      grad_bias (V) ((0) without bias), computed in the same blocks; each (0) unless with_grad
+//      and (a scalar reduction) the gradients of that loss output_mask asks for, grad_input (N, H),
+//      grad_weight (V, H), grad_bias (V), computed in the same blocks; each (0) unless asked for
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_forward(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& target,
     int64_t ignore_index, double label_smoothing, double softcap, double z_loss, c10::string_view reduction,
-    std::optional<double> divisor, bool with_grad) {
+    std::optional<double> divisor, std::array<bool, 3> output_mask) {
   constexpr const char* op = "bpext.linear_cross_entropy_forward";
   const LossArgs a = check_loss_args(input, weight, bias, target, ignore_index, label_smoothing, softcap, z_loss,
                                      reduction, divisor, op);
-  TORCH_CHECK(!with_grad || reduction != "none", op, ": with_grad needs a scalar reduction (mean or sum)");
+  const bool with_grad = output_mask[0] || output_mask[1] || output_mask[2];
+  TORCH_CHECK(!with_grad || reduction != "none", op, ": gradients in forward need a scalar reduction (mean or sum)");
   const c10::OptionalDeviceGuard guard(input.device());
   const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor scale = loss_row_weight(target, a, reduction, divisor, compute);
   const at::Tensor row_weights = with_grad ? scale.expand({input.size(0)}) : at::Tensor();
-  auto [rows, gx, gw, gb] = loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights);
-  const at::Tensor loss = reduction == "none" ? rows : rows.sum() * scale;
-  if (!with_grad) return {loss, empty0(input), empty0(input), empty0(input)};
-  return {loss, gx, gw, gb};
+  auto [rows, gx, gw, gb] = loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights, output_mask);
+  return {reduction == "none" ? rows : rows.sum() * scale, gx, gw, gb};
 }
 
 // grad_loss: () or (N), as the loss -> grad_input (N, H), grad_weight (V, H), grad_bias (V) ((0) without bias):
@@ -657,7 +659,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward(
   const auto compute = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_loss.to(compute);
   const at::Tensor row_weights = rows ? g : (g * loss_row_weight(target, a, reduction, divisor, compute)).expand({input.size(0)});
-  auto [loss, gx, gw, gb] = loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights);
+  auto [loss, gx, gw, gb] =
+      loss_blocks(input, weight, bias_or_undefined(bias), target, a, row_weights, {true, true, true});
   return {gx, gw, gb};
 }
 

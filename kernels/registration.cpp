@@ -79,11 +79,11 @@ void define_ops(torch::Library& m) {
 
   // The last dense layer with its cross-entropy loss, the (N, V) logits never whole (kernels/ops.cpp).
   // input: (N, H), weight: (V, H), bias: (V), target: (N) int64 -> loss: () ("mean", "sum"; divided by
-  //   divisor where given) or (N) ("none") in the compute type (float for 16-bit inputs), and when with_grad the loss's gradients grad_input, grad_weight,
-  //   grad_bias, computed in the same blocks, else (0)
+  //   divisor where given) or (N) ("none") in the compute type (float for 16-bit inputs), and the loss's
+  //   gradients output_mask asks for (grad_input, grad_weight, grad_bias), computed in the same blocks, else (0)
   m.def(
       "linear_cross_entropy_forward(Tensor input, Tensor weight, Tensor? bias, Tensor target, int ignore_index, "
-      "float label_smoothing, float softcap, float z_loss, str reduction, float? divisor, bool with_grad) "
+      "float label_smoothing, float softcap, float z_loss, str reduction, float? divisor, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   // grad_loss: the loss's shape -> grad_input, grad_weight, grad_bias ((0) without bias), the logits recomputed
   m.def(

@@ -91,7 +91,7 @@ def sample(rng, op: str):
                    rng.choice([0.0, 1e-4, float("nan")]), reduction, rng.choice([None, 4.0, 0.0]))
         xl = related(rng, [tokens], fin, dtype)
         if op == "linear_cross_entropy_forward":
-            return (xl, w, b, target, *options, rng.random() < 0.5)
+            return (xl, w, b, target, *options, mask(3))
         grad_loss = tensor(rng, [tokens] if reduction == "none" else [], dtype) if rng.random() < 0.9 else tensor(rng)
         return (grad_loss, xl, w, b, target, *options)
     layers = rng.randint(0, 3)

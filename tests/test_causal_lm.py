@@ -137,3 +137,22 @@ def test_each_wired_forward_uses_the_logits_only_for_the_loss(path):
                "loss = self.loss_function(", "logits=logits", "logits,", "return ")
     assert all(line.startswith(allowed) for line in lines[1:]), lines
     assert "self.loss_function(" in body
+
+
+def test_a_custom_loss_function_set_before_convert_is_kept():
+    torch.manual_seed(0)
+    native = MODELS["llama"]().train()
+    native.loss_function = lambda logits, labels, vocab_size, **kw: torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), label_smoothing=0.1)
+    ours = bpext.convert(copy.deepcopy(native))
+    assert "" not in bpext.fusions(ours)
+    ids, labels = _batch()
+    torch.testing.assert_close(ours(input_ids=ids, labels=labels).loss, native(input_ids=ids, labels=labels).loss)
+
+
+def test_a_softcap_in_a_config_whose_forward_has_none_is_not_applied():
+    config = transformers.LlamaConfig(**SMALL)
+    config.final_logit_softcapping = 0.5  # LLaMA's forward ignores it
+    native, ours = _pair(lambda: transformers.LlamaForCausalLM(config))
+    ids, labels = _batch()
+    torch.testing.assert_close(ours(input_ids=ids, labels=labels).loss, native(input_ids=ids, labels=labels).loss)

@@ -127,9 +127,9 @@ def test_keeps_only_the_gradients_when_training():
 def test_opcheck():
     x, w, b, t = data()
     rows, tokens = x.reshape(-1, 6), t.reshape(-1)
-    for with_grad, reduction in ((True, "mean"), (False, "none"), (True, "sum")):
+    for mask, reduction in (([True] * 3, "mean"), ([False] * 3, "none"), ([False, True, False], "sum")):
         torch.library.opcheck(torch.ops.bpext.linear_cross_entropy_forward.default,
-                              (rows, w, b, tokens, -100, 0.1, 2.0, 1e-3, reduction, None, with_grad))
+                              (rows, w, b, tokens, -100, 0.1, 2.0, 1e-3, reduction, None, mask))
     torch.library.opcheck(torch.ops.bpext.linear_cross_entropy_backward.default,
                           (torch.randn(15, dtype=torch.float64), rows.detach(), w.detach(), None, tokens, -100, 0.0,
                            0.0, 0.0, "none", None))
@@ -206,3 +206,42 @@ def test_bad_input_raises_clearly(case):
         B.linear_cross_entropy(*make(x, w, t))
     with pytest.raises(ValueError, match="reduction must be"):
         B.linear_cross_entropy(x, w, t, reduction="avg")
+
+
+def test_float16_under_a_loss_scale_like_gradscaler():
+    """Gradients made at scale 1 and scaled after would overflow (65536 x) or underflow: float16
+    recomputes them in backward with the scaled loss gradient."""
+    x64, w64, b64, t = data(tokens=(256,), hidden=16, vocab=64)
+    x, w = (v.detach().half().requires_grad_() for v in (x64, w64))
+    ours = torch.autograd.grad(B.linear_cross_entropy(x, w, t, dtype=torch.float32) * 65536, [x, w])
+    ref = torch.autograd.grad(F.cross_entropy(F.linear(x, w).float(), t) * 65536, [x, w])  # as autocast has it
+    for a, n in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.float() / 65536, n.float() / 65536, rtol=2e-2, atol=1e-5)
+
+
+def test_bfloat16_scaled_loss_scales_the_gradient_as_natively():
+    """The loss divided by 3 (gradient accumulation): the gradient scales as native's does (the
+    scale is applied in float32 to gradients made in forward, not rounded to bfloat16 first)."""
+    x64, w64, _, t = data(tokens=(256,), hidden=16, vocab=64)
+    x, w = (v.detach().bfloat16().requires_grad_() for v in (x64, w64))
+    ratios = []
+    for fn in (B.linear_cross_entropy, native):
+        for scale in (1.0, 1 / 3):
+            loss = fn(x, w, t, dtype=torch.float32) if fn is B.linear_cross_entropy else F.cross_entropy(
+                F.linear(x, w).float(), t)
+            ratios.append(torch.autograd.grad(loss * scale, [w])[0].double().abs().sum())
+    ours, theirs = ratios[1] / ratios[0], ratios[3] / ratios[2]
+    assert abs(ours.item() * 3 - 1) < 1e-3 and abs(ours.item() / theirs.item() - 1) < 2e-3
+
+
+def test_only_what_requires_a_gradient_is_computed_and_kept():
+    """A frozen head (LoRA): no (vocab, hidden) weight gradient is made or kept."""
+    x, w, b, t = data()
+    w, b = w.detach(), b.detach()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(tuple(v.shape)) or v, lambda v: v):
+        loss = B.linear_cross_entropy(x, w, t, b)
+    assert saved == [(15, 6)]
+    (gx,) = torch.autograd.grad(loss, [x])
+    torch.testing.assert_close(gx, torch.autograd.grad(native(x, w, t, b), [x])[0])

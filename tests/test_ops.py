@@ -55,8 +55,9 @@ def op_samples(device, requires_grad):
     x, w, b, t = rnd(6, 5), rnd(7, 5), rnd(7), torch.tensor([0, 6, -100, 2, 3, 3], device=device)
     for reduction, bias in (("mean", b), ("sum", None), ("none", b)):
         options = (-100, 0.1, 2.0, 1e-3, reduction, 3.0 if reduction == "sum" else None)
-        with_grad = requires_grad and reduction != "none"
-        samples.append((OPS.linear_cross_entropy_forward.default, (x, w, bias, t, *options, with_grad)))
+        mask = [requires_grad and reduction != "none", requires_grad and reduction == "mean", bias is not None]
+        samples.append((OPS.linear_cross_entropy_forward.default,
+                        (x, w, bias, t, *options, mask if reduction != "none" else [False] * 3)))
         # linear_cross_entropy_backward's derivative is the loss's second one, which raises by design
         no_grad = [v.detach() if v is not None else None for v in (x, w, bias)]
         samples.append((OPS.linear_cross_entropy_backward.default,
