@@ -340,7 +340,8 @@ _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, h) for h in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-_INTERNAL = frozenset(vars(nn.Module())) | {"forward"}  # nn.Module's own bookkeeping, and the installed forward
+_INSTALLED = ("forward", "__prepare_scriptable__")  # what convert installs on a module it rewrites
+_INTERNAL = frozenset(vars(nn.Module())) | set(_INSTALLED)  # nn.Module's own bookkeeping, and convert's
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
@@ -684,7 +685,8 @@ def _fuse_module(module: nn.Module, name: str) -> None:
     if (isinstance(module, (nn.Linear, torch.jit.ScriptModule, fx.GraphModule)) or not list(module.children())
             or (installed is not None and not isinstance(installed, BoundForward))):  # someone else's forward
         return
-    module.__dict__.pop("forward", None)  # converted before: fused again as the module is now
+    for installed_name in _INSTALLED:  # converted before: fused again as the module is now
+        module.__dict__.pop(installed_name, None)
     rewrites, hooked, reasons = FusedForward.build(module)
     where = name or type(module).__name__
     if hooked:
@@ -694,6 +696,18 @@ def _fuse_module(module: nn.Module, name: str) -> None:
         warnings.warn(f"bpext.convert: {where} is not fused: {reason}", stacklevel=3)
     if rewrites:
         module.__dict__["forward"] = BoundForward(FusedForward.__call__, FusedForward(module, rewrites))
+        module.__dict__["__prepare_scriptable__"] = functools.partial(_scriptable, module)
+
+
+def _scriptable(module: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles of a rewritten module: a copy (sharing parameters, buffers,
+    hooks and children) that runs its class's forward, as TorchScript compiles Python source; its
+    children's own ``__prepare_scriptable__`` put bpext's ops under their forwards."""
+    scriptable = copy.copy(module)
+    for name in _INSTALLED:
+        scriptable.__dict__.pop(name)
+    scriptable.__dict__["_modules"] = dict(module._modules)  # TorchScript replaces children in it
+    return scriptable
 
 
 def _fused_forward(module: nn.Module) -> FusedForward | None:

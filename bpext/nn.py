@@ -3,6 +3,7 @@ activation, generated from the registry (named, constructed and parametrised as 
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -24,6 +25,7 @@ class Dense(nn.Linear):
     ``"identity"``: exactly ``nn.Linear``); its parameters are keyword arguments, e.g.
     ``Dense(64, 64, activation="elu", alpha=0.5)``. Input: (*, in_features); output: (*, out_features).
     """
+
 
     def __init__(
         self,
@@ -50,10 +52,24 @@ class Dense(nn.Linear):
         return dense
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.dense(input, self.weight, self.bias, self.activation)
+        if torch.jit.is_scripting():
+            return torch.ops.bpext.dense(input, self.weight, self.bias, self._script_activation, self._script_params)
+        else:
+            return F.dense(input, self.weight, self.bias, self.activation)
+
+    def __prepare_scriptable__(self) -> "Dense":
+        """What ``torch.jit.script`` compiles: a copy sharing the parameters and hooks, its activation
+        as the name and parameter values that ``torch.ops.bpext.dense`` (autograd in C++) takes."""
+        scriptable = copy.copy(self)
+        scriptable.__dict__.update(_script_activation=self.activation.name, _script_params=list(self.activation.params))
+        return scriptable
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
+
+
+# set by __prepare_scriptable__; typed for TorchScript (which reads no string annotations)
+Dense.__annotations__ = {"_script_activation": str, "_script_params": list[float]}
 
 
 def _linear_stack(widths: list[int], bias: bool, factory: dict) -> nn.ModuleList:
@@ -272,11 +288,17 @@ def _make_torch_twin(torch_class: type[nn.Module]) -> type[nn.Module]:
             self.__dict__["_bpext_activation"], self.__dict__["_bpext_key"] = activation_of(self), key
         return F.activation(input, self._bpext_activation)
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles torch's own forward (a copy of the module, same attributes)."""
+        scriptable = copy.copy(self)
+        scriptable.__class__ = torch_class
+        return scriptable
+
     names = sorted({p.name for s in _SPECS_BY_MODULE[torch_class] for p in s.params}
                    | {k for s in _SPECS_BY_MODULE[torch_class] for k in s.torch.fixed})
     doc = f"``torch.nn.{torch_class.__name__}`` computed by bpext's kernels (same arguments)."
     return type(torch_class.__name__, (torch_class,), {
-        "__init__": __init__, "forward": forward, "__doc__": doc, "__module__": __name__,
+        "__init__": __init__, "forward": forward, "__prepare_scriptable__": __prepare_scriptable__, "__doc__": doc, "__module__": __name__,
         "_bpext_attributes": tuple(names)})
 
 

@@ -447,3 +447,48 @@ def test_forward_mode_derivative_of_a_gradient():
             results.append(fwAD.unpack_dual(g).tangent)
     assert results[0] is not None
     torch.testing.assert_close(results[0], results[1])
+
+
+class _Residual(nn.Module):
+    """A block TorchScript compiles: an MLP fused by convert, a residual and a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.norm = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+SCRIPTABLE = {
+    "sequential": lambda: nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 8), nn.Tanh()),
+    "a block of its own": _Residual,
+    "in a container": lambda: nn.ModuleList([_Residual()]).append(nn.Linear(8, 8)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("make", SCRIPTABLE.values(), ids=SCRIPTABLE.keys())
+def test_jit_script_compiles_the_models_own_forward(make, fuse):
+    """torch.jit.script of a converted model scripts the class's forward (TorchScript compiles source,
+    not the rewrite), with bpext::dense under each Linear, sharing the converted model's parameters."""
+    native, ours = _pair(make)
+    if not fuse:
+        ours = bpext.convert(copy.deepcopy(native), fuse=False)
+    if isinstance(native, nn.ModuleList):
+        native, ours = native[0], ours[0]
+    scripted, reference = torch.jit.script(ours), torch.jit.script(native)
+    x = torch.randn(3, 8)
+    y, grad_x, grads = _step(scripted, x)
+    ref_y, ref_grad_x, ref_grads = _step(reference, x)
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(grad_x, ref_grad_x)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref)
+    assert "bpext::dense" in str(scripted.graph) or "bpext.dense" in "".join(m.code for m in scripted.modules())
+    assert [p.data_ptr() for p in scripted.parameters()] == [p.data_ptr() for p in ours.parameters()]
+    # the converted model itself is untouched: still fused, as it was
+    torch.testing.assert_close(ours(x), ref_y)
+    if fuse and bpext.fusions(ours):
+        assert "forward" in ours.__dict__
