@@ -41,7 +41,7 @@ from . import causal_lm
 from . import functional as F
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
-from .recognition import _leaves, activation_of_node, linear_of_module
+from .recognition import _leaves, activation_of_node, linear_of_module, widest_dtype
 
 __all__ = ["convert", "fusions"]
 
@@ -123,7 +123,16 @@ def _single_user(node: fx.Node) -> fx.Node | None:
 
 
 def _passthrough(root: nn.Module, node: fx.Node) -> bool:
-    """Dropout that is off (eval mode or p = 0) or nn.Identity: y = x."""
+    """Dropout that is off (eval mode or p = 0) or nn.Identity: y = x. Functional dropout is off where
+    its constant arguments say so (``F.dropout(x, p, training=self.training)`` traced in eval mode)."""
+    if node.op == "call_function" and node.target in _FUNCTIONAL_DROPOUTS:
+        try:
+            bound = _FUNCTIONAL_DROPOUTS[node.target].bind(*node.args, **node.kwargs)
+        except TypeError:
+            return False
+        bound.apply_defaults()
+        p, training = bound.arguments["p"], bound.arguments["training"]
+        return not any(isinstance(a, fx.Node) for a in (p, training)) and (p == 0 or training is False)
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     module = root.get_submodule(node.target)
@@ -134,6 +143,12 @@ def _passthrough(root: nn.Module, node: fx.Node) -> bool:
 
 # torch's dropouts, exactly: a subclass may drop in eval mode too (MC dropout)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+# torch.nn.functional's dropouts: {function: its signature, defaults included}
+_FUNCTIONAL_DROPOUTS = {fn: inspect.signature(fn) for fn in (
+    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
+    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout)}
 
 
 # ---- rewriting a traced forward ----------------------------------------------------------------
@@ -156,13 +171,31 @@ def _fused_mlp(x, linears, transposed, activation, params, output_activation, ou
                  _act(activation, params), _act(output_activation, output_params))
 
 
+def _gated_weights(gate, up) -> tuple:
+    """(weight_gate, bias_gate, weight_up, bias_up): of two Linears, or of gate = (one Linear, the half
+    of its outputs that is the gate) and up = None, the halves as views (split once: backward
+    joins their gradients in one copy)."""
+    if up is not None:
+        return gate.weight, gate.bias, up.weight, up.bias
+    linear, half = gate
+    weights = linear.weight.chunk(2)
+    biases = linear.bias.chunk(2) if linear.bias is not None else (None, None)
+    return weights[half], biases[half], weights[1 - half], biases[1 - half]
+
+
 def _fused_gated(x, gate, up, activation, params):
-    return F.gated(x, gate.weight, up.weight, gate.bias, up.bias, _act(activation, params))
+    weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
+    return F.gated(x, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params))
 
 
 def _fused_gated_mlp(x, gate, up, down, down_transposed, activation, params):
-    return F.gated_mlp(x, gate.weight, up.weight, _weight(down, down_transposed), gate.bias, up.bias, down.bias,
+    weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
+    return F.gated_mlp(x, weight_gate, weight_up, _weight(down, down_transposed), bias_gate, bias_up, down.bias,
                        _act(activation, params))
+
+
+def _chunk_signature(input, chunks, dim=0):
+    """The arguments of torch.chunk and Tensor.chunk."""
 
 
 class _Rewriter:
@@ -173,7 +206,7 @@ class _Rewriter:
         self.found: list[str] = []
         self.hooked: set[str] = set()  # children a pattern would have fused, but whose hooks must run
         self.fused: set[str] = set()  # the children the patterns fused (their calls are gone)
-        self.groups: list[tuple[str, ...]] = []  # each pattern's Linears, which must share one dtype
+        self.groups: list[tuple] = []  # each pattern's Linears, which share one dtype, and the widest it may be
 
     def run(self) -> list[str]:
         for match in (self._gated, self._chain):  # gated first: its gate is also the start of a chain
@@ -186,7 +219,9 @@ class _Rewriter:
 
     def _replace(self, last: fx.Node, dead: list[fx.Node], fn, args: tuple, description: str) -> set[fx.Node]:
         linears = tuple(a.target for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr")
-        if not _one_dtype(self.root, linears):
+        bounds = [d for n in dead if n.op == "call_module" and (d := widest_dtype(self.root.get_submodule(n.target)))]
+        widest = min(bounds, key=lambda d: d.itemsize, default=None)
+        if not _one_dtype(self.root, linears, widest):
             # Layers of several dtypes: a cast between them (T5 keeps wo in float32) may hide behind a
             # test that tracing cannot see; the module's own forward runs them.
             for ref in [a for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr"]:
@@ -194,7 +229,7 @@ class _Rewriter:
                     self.graph.erase_node(ref)
             return set()
         self.fused.update(n.target for n in dead if n.op == "call_module")
-        self.groups.append(linears)
+        self.groups.append((linears, widest))
         with self.graph.inserting_before(last):
             new = self.graph.call_function(fn, args)
         last.replace_all_uses_with(new)
@@ -234,7 +269,8 @@ class _Rewriter:
         return self.graph.get_attr(target)
 
     def _gated(self, mul: fx.Node) -> set[fx.Node] | None:
-        """mul(act(gate(x)), up(x)) [-> pass-through -> down]."""
+        """mul(act(gate(x)), up(x)) [-> pass-through -> down], gate and up two Linears or the two halves
+        of one (``gate, up = gate_up(x).chunk(2, dim=-1)``: Phi-3, timm's GluMlp)."""
         if not (mul.op == "call_function" and mul.target in (operator.mul, torch.mul)
                 or mul.op == "call_method" and mul.target == "mul") or len(mul.args) != 2 or mul.kwargs:
             return None
@@ -244,29 +280,59 @@ class _Rewriter:
             act = self._activation(a)
             if act is None or not isinstance(a.args[0], fx.Node) or len(a.users) != 1:
                 continue
-            gate_node, up_node = a.args[0], b
-            gate, up = self._linear(gate_node), self._linear(up_node)
-            if (gate is None or up is None or gate.transposed or up.transposed or gate_node.args[0] is not up_node.args[0]
-                    or len(gate_node.users) != 1 or len(up_node.users) != 1):
+            found = self._projections(a.args[0], b) or self._halves(a.args[0], b)
+            if found is None:
                 continue
-            g_mod, u_mod = self.root.get_submodule(gate.target), self.root.get_submodule(up.target)
-            if g_mod.weight.shape != u_mod.weight.shape:
-                continue
-            x = gate_node.args[0]
+            x, gate, up, names, dead = found
+            dead = [*dead, a, mul]
             down_node, skipped = self._next_after(mul)
             down = self._linear(down_node)
-            dead = [gate_node, up_node, a, mul]
-            with self.graph.inserting_before(mul):
-                g_ref, u_ref = self._module(gate.target), self._module(up.target)
             if down is not None:
                 with self.graph.inserting_before(mul):
                     d_ref = self._module(down.target)
                 return self._replace(down_node, dead + skipped + [down_node], _fused_gated_mlp,
-                              (x, g_ref, u_ref, d_ref, down.transposed, act.name, act.params),
-                              f"gated_mlp({gate.target}, {up.target}, {act}, {down.target})")
-            return self._replace(mul, dead, _fused_gated, (x, g_ref, u_ref, act.name, act.params),
-                                 f"gated({gate.target}, {up.target}, {act})")
+                                     (x, gate, up, d_ref, down.transposed, act.name, act.params),
+                                     f"gated_mlp({names[0]}, {names[1]}, {act}, {down.target})")
+            return self._replace(mul, dead, _fused_gated, (x, gate, up, act.name, act.params),
+                                 f"gated({names[0]}, {names[1]}, {act})")
         return None
+
+    def _projections(self, gate_node: fx.Node, up_node: fx.Node) -> tuple | None:
+        """Two Linears of the same x, of one shape: (x, gate, up, their names, the nodes fused)."""
+        gate, up = self._linear(gate_node), self._linear(up_node)
+        if (gate is None or up is None or gate.transposed or up.transposed or gate_node.args[0] is not up_node.args[0]
+                or len(gate_node.users) != 1 or len(up_node.users) != 1
+                or self.root.get_submodule(gate.target).weight.shape != self.root.get_submodule(up.target).weight.shape):
+            return None
+        with self.graph.inserting_before(gate_node):
+            refs = self._module(gate.target), self._module(up.target)
+        return gate_node.args[0], *refs, (gate.target, up.target), [gate_node, up_node]
+
+    def _halves(self, gate_half: fx.Node, up_half: fx.Node) -> tuple | None:
+        """The halves of one Linear's output, ``gate_up(x).chunk(2, dim=-1)``: (x, (gate_up, the gate's
+        half), None, their names, the nodes fused)."""
+        if not (gate_half.op == up_half.op == "call_function" and gate_half.target is up_half.target is operator.getitem
+                and gate_half.args[0] is up_half.args[0] and {gate_half.args[1], up_half.args[1]} == {0, 1}
+                and len(gate_half.users) == len(up_half.users) == 1):
+            return None
+        chunk = gate_half.args[0]
+        if not (chunk.op == "call_method" and chunk.target == "chunk" or chunk.op == "call_function"
+                and chunk.target is torch.chunk) or len(chunk.users) != 2:
+            return None
+        try:
+            bound = inspect.signature(_chunk_signature).bind(*chunk.args, **chunk.kwargs).arguments
+        except TypeError:
+            return None
+        source, linear = bound["input"], None
+        if bound["chunks"] == 2 and bound.get("dim", 0) == -1 and isinstance(source, fx.Node):
+            linear = self._linear(source)
+        if linear is None or linear.transposed or len(source.users) != 1:
+            return None
+        with self.graph.inserting_before(source):
+            ref = self._module(linear.target)
+        half = gate_half.args[1]
+        return (source.args[0], (ref, half), None, (f"{linear.target}[{half}]", f"{linear.target}[{1 - half}]"),
+                [source, chunk, gate_half, up_half])
 
     def _chain(self, start: fx.Node) -> set[fx.Node] | None:
         """L (act L)* [act], one hidden activation: an MLP, or a Dense for L act."""
@@ -314,6 +380,47 @@ class _ChildrenAsLeaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return m is not self.root_module
 
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        # fx cannot unpack a Proxy as *args or **kwargs: they are traced empty (see _accepts)
+        return super().create_args_for_root(_named_only(root_fn), is_module, concrete_args)
+
+
+_P = inspect.Parameter
+_VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
+
+
+def _named_only(fn):
+    """``fn`` taking only its named parameters, its ``*args`` and ``**kwargs`` left empty (``fn``
+    itself where it has neither): what a forward that passes ``**kwargs`` on (every transformers
+    layer) computes for a call without them, which is what fx can trace."""
+    parameters = inspect.signature(inspect.unwrap(fn)).parameters.values()
+    if not any(p.kind in _VARIADIC for p in parameters):
+        return fn
+    named = [p for p in parameters if p.kind not in _VARIADIC]
+    positional = [p.name for p in named if p.kind is not _P.KEYWORD_ONLY]
+    keyword = [p.name for p in named if p.kind is _P.KEYWORD_ONLY]
+    header = ", ".join(positional + (["*", *keyword] if keyword else []))
+    call = ", ".join(positional + [f"{k}={k}" for k in keyword])
+    namespace = {"_bpext_forward": fn}
+    exec(f"def forward({header}):\n    return _bpext_forward({call})", namespace)  # noqa: S102 - names of a signature
+    wrapper = namespace["forward"]
+    wrapper.__defaults__ = tuple(p.default for p in named if p.kind is not _P.KEYWORD_ONLY
+                                 and p.default is not _P.empty) or None
+    wrapper.__kwdefaults__ = {p.name: p.default for p in named if p.kind is _P.KEYWORD_ONLY
+                              and p.default is not _P.empty} or None
+    return wrapper
+
+
+def _accepts(forward) -> tuple | None:
+    """For a forward with ``*args`` or ``**kwargs``, which calls its rewrite serves (those without
+    them): (how many positional arguments after self, the names it takes); None for any other."""
+    parameters = list(inspect.signature(inspect.unwrap(forward)).parameters.values())[1:]
+    if not any(p.kind in _VARIADIC for p in parameters):
+        return None
+    named = [p for p in parameters if p.kind not in _VARIADIC]
+    return (sum(p.kind is not _P.KEYWORD_ONLY for p in named),
+            frozenset(p.name for p in named if p.kind is not _P.POSITIONAL_ONLY))
+
 
 def _compile(src: str, globals_: dict):
     """The forward function of a rewritten graph's source, taking the module as ``self``."""
@@ -328,9 +435,12 @@ def _train_state(module: nn.Module) -> tuple:
     return (module.training, *(d.training and d.p > 0 for d in dropouts))
 
 
-def _one_dtype(root: nn.Module, linears) -> bool:
+def _one_dtype(root: nn.Module, linears, widest: torch.dtype | None) -> bool:
+    """The Linears share one dtype, no wider than ``widest`` (where an activation is bpext's only to
+    the rounding of a narrower one)."""
     weights = [root.get_submodule(t).weight for t in linears]
-    return all(w.dtype == weights[0].dtype for w in weights)
+    return (all(w.dtype == weights[0].dtype for w in weights)
+            and (widest is None or weights[0].dtype.itemsize <= widest.itemsize))
 
 
 # ---- what a rewrite assumed, checked on every call -------------------------------------------
@@ -392,14 +502,14 @@ class _Assumed:
     children: tuple
     buffers: tuple  # (name, buffer, its version): a forward may read a buffer's value as a constant
     fused: tuple  # (name, child, its class, its attributes)
-    groups: tuple  # (Linear, ...) per pattern
+    groups: tuple  # ((Linear, ...), the widest dtype or None) per pattern
 
     @staticmethod
     def of(module: nn.Module, fused: tuple, groups: tuple) -> "_Assumed":
         return _Assumed(type(module).forward, _attributes(module), tuple(module._modules.items()),
                         tuple((k, b, b._version) for k, b in module._buffers.items() if b is not None),
                         tuple((t, c, type(c), _attributes(c)) for t, c in ((t, module.get_submodule(t)) for t in fused)),
-                        tuple(tuple(module.get_submodule(t) for t in g) for g in groups))
+                        tuple((tuple(module.get_submodule(t) for t in names), widest) for names, widest in groups))
 
     def holds(self, module: nn.Module) -> bool:
         for hooks in _GLOBAL_HOOKS:
@@ -424,8 +534,10 @@ class _Assumed:
                     or child._backward_pre_hooks or "forward" in child.__dict__
                     or not _same_attributes(child, attributes)):
                 return False
-        for group in self.groups:
+        for group, widest in self.groups:
             dtype = group[0].weight.dtype
+            if widest is not None and dtype.itemsize > widest.itemsize:
+                return False
             for linear in group:
                 if linear.weight.dtype != dtype:
                     return False
@@ -533,6 +645,7 @@ class _Rewrite:
     descriptions: list
     fused: tuple
     groups: tuple
+    accepts: tuple | None  # the calls it serves, for a forward with *args or **kwargs (_accepts)
     assumed: _Assumed | None = None
     fn: object = None
 
@@ -542,6 +655,10 @@ class _Rewrite:
 
     def holds(self, module: nn.Module) -> bool:
         return self.assumed is not None and self.assumed.holds(module)
+
+    def serves(self, args: tuple, kwargs: dict) -> bool:
+        """Whether it computes this call: one that passes nothing to the forward's *args or **kwargs."""
+        return self.accepts is None or len(args) <= self.accepts[0] and self.accepts[1].issuperset(kwargs)
 
     def portable_scope(self) -> dict | None:
         """The scope as it pickles (modules by name), or None where something in it does not pickle."""
@@ -554,7 +671,7 @@ class _Rewrite:
 
     def copy(self, memo: dict) -> "_Rewrite":
         """For a deep copy of the module (in ``memo``): what it assumed, of the copy's objects."""
-        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups,
+        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups, self.accepts,
                         copy.deepcopy(self.assumed, memo), self.fn)
 
 
@@ -588,7 +705,8 @@ def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None,
     if not found:
         return state, None, rewriter.hooked, None
     code = graph.python_code(root_module="self")
-    rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups))
+    rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups),
+                       _accepts(type(module).forward))
     return state, rewrite, rewriter.hooked, None
 
 
@@ -636,13 +754,13 @@ class FusedForward:
 
     def __call__(self, *args, **kwargs):
         current = self.current()
-        if current is None:
+        if current is None or not current.serves(args, kwargs):
             return type(self.module).forward(self.module, *args, **kwargs)
         return current.fn(self.module, *args, **kwargs)
 
     def __reduce__(self):
         # Only rewrites that hold now, and whose generated code pickles, travel along.
-        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.assumed) for state, r in self.rewrites.items()
+        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.accepts, r.assumed) for state, r in self.rewrites.items()
                 if r.holds(self.module) and (scope := r.portable_scope()) is not None}
         return (_restore, (self.module, kept))
 

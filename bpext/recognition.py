@@ -20,7 +20,7 @@ from torch import fx, nn
 from .activations import REGISTRY, ResolvedActivation, resolve
 from .nn import Dense, activation_of
 
-__all__ = ["activation_of_node", "linear_of_module"]
+__all__ = ["activation_of_node", "linear_of_module", "widest_dtype"]
 
 
 def _qualname(cls: type) -> str:
@@ -56,6 +56,20 @@ FOREIGN_ACTIVATIONS = {
     "timm.layers.activations.Tanh": "tanh",
     "timm.layers.activations.HardSwish": "hardswish",
 }
+
+
+# Of those, the ones whose constants are truncated (BLOOM's sqrt(2/pi) to 8 digits, FastGELU's to 10): the
+# same function as bpext's within the rounding of float32, not of float64. {class path: the widest dtype}
+ROUNDED_ACTIVATIONS = {
+    "transformers.models.bloom.modeling_bloom.BloomGelu": torch.float32,
+    "transformers.activations.FastGELUActivation": torch.float32,
+}
+
+
+def widest_dtype(module: nn.Module) -> torch.dtype | None:
+    """The widest dtype in which a recognised activation module computes bpext's activation within
+    rounding (None: every dtype)."""
+    return ROUNDED_ACTIVATIONS.get(_qualname(type(module)))
 
 
 def linear_of_module(module: nn.Module) -> bool | None:

@@ -46,7 +46,50 @@ def vit():
     return transformers.ViTModel(config)
 
 
+def opt():
+    config = transformers.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                    vocab_size=100, max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.OPTModel(config)
+
+
+SEQ2SEQ = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+               encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2, decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+
+
+def bart(**dropouts):
+    return transformers.BartModel(transformers.BartConfig(max_position_embeddings=32, **{**SEQ2SEQ, **dropouts}))
+
+
+def whisper():
+    return transformers.WhisperModel(transformers.WhisperConfig(num_mel_bins=8, max_source_positions=16,
+                                                                max_target_positions=32, **SEQ2SEQ))
+
+
+def falcon():
+    config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                                       hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2)
+    return transformers.FalconModel(config)
+
+
+def phi3():
+    config = transformers.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=32, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2)
+    return transformers.Phi3Model(config)
+
+
+def bloom():
+    config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=2, vocab_size=100, hidden_dropout=0.0,
+                                      attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.BloomModel(config)
+
+
 TOKENS = lambda: {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))}  # noqa: E731
+AUDIO = lambda: {"input_features": torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)),  # noqa: E731
+                 "decoder_input_ids": TOKENS()["input_ids"]}
 PIXELS = lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # noqa: E731
 
 # name: (model factory, inputs, the fused blocks expected per module path)
@@ -66,6 +109,21 @@ MODELS = {
                     {"": ["gated_mlp(fc1_g, fc1_x, silu, fc2)"]}),
     "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", pretrained=False, conv_mlp=False),
                            lambda: {"x": PIXELS()}, None),
+    # Layers that pass **kwargs on (traced for the calls that pass none), F.dropout that is off, an
+    # nn.Linear subclass that is one for certain, one Linear for both halves of a gated MLP.
+    "opt": (opt, TOKENS, {f"decoder.layers.{i}": ["mlp(fc1, fc2, relu, identity)"] for i in range(2)}),
+    # (their encoder layers test an intermediate's dtype, `hidden_states.dtype == torch.float16`: not traced)
+    "bart": (bart, TOKENS, {"decoder.layers.0": ["mlp(fc1, fc2, gelu, identity)"]}),
+    "whisper": (whisper, AUDIO, {"decoder.layers.0": ["mlp(fc1, fc2, gelu, identity)"]}),
+    "falcon": (falcon, TOKENS, {f"h.{i}.mlp": ["mlp(dense_h_to_4h, dense_4h_to_h, gelu, identity)"] for i in range(2)}),
+    "phi3": (phi3, TOKENS, {f"layers.{i}.mlp": ["gated_mlp(gate_up_proj[0], gate_up_proj[1], silu, down_proj)"]
+                            for i in range(2)}),
+    "bloom": (bloom, TOKENS, {f"h.{i}.mlp": ["mlp(dense_h_to_4h, dense_4h_to_h, gelu_tanh, identity)"]
+                              for i in range(2)}),
+    "timm_glu": (lambda: timm.layers.GluMlp(16, 48, act_layer=nn.SiLU), lambda: {"x": torch.randn(2, 5, 16)},
+                 {"": ["gated_mlp(fc1[1], fc1[0], silu, fc2)"]}),
+    "timm_glu_gate_first": (lambda: timm.layers.GluMlp(16, 48, act_layer=nn.GELU, gate_last=False),
+                            lambda: {"x": torch.randn(2, 5, 16)}, {"": ["gated_mlp(fc1[0], fc1[1], gelu, fc2)"]}),
 }
 # Fused MLP blocks when no exact mapping is listed above.
 COUNTS = {"vit": 2, "timm_convnext_atto": 12}
@@ -168,6 +226,9 @@ class Ops(TorchDispatchMode):
     ("timm_swiglu", "", 16, ["bpext::gated_mlp_forward"]),
     ("bert", "encoder.layer.0.intermediate", 32, ["bpext::dense_forward"]),
     ("bert", "encoder.layer.0.output.dense", 64, ["bpext::dense_forward"]),
+    ("falcon", "h.0.mlp", 32, ["bpext::mlp_forward"]),
+    ("phi3", "layers.0.mlp", 32, ["bpext::gated_mlp_forward"]),
+    ("timm_glu", "", 16, ["bpext::gated_mlp_forward"]),
 ])
 def test_mlp_blocks_run_as_bpext_ops_only(name, block, width, ops):
     """An MLP block is at most two bpext ops forward (BERT's: one in each of its two modules), with no
@@ -179,6 +240,54 @@ def test_mlp_blocks_run_as_bpext_ops_only(name, block, width, ops):
         module(x)
     assert [n for n in seen.names if n.startswith("bpext::") or n.split("::")[1] in
             ("gelu", "silu", "tanh", "relu", "sigmoid", "mul", "addmm", "mm", "linear")] == ops
+
+
+@pytest.mark.parametrize("name", ["opt", "bart", "whisper", "falcon", "phi3", "bloom"])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_whole_models_forward_runs_each_fused_block(name, training):
+    """Called as the model calls them (transformers' layers take **kwargs, passed on empty), every block
+    that fusions() lists runs its one fused op, in eval mode and in training."""
+    native, ours, inputs, expected = converted(name)
+    ours.train(training)
+    batch = inputs()
+    with torch.set_grad_enabled(training), Ops() as seen:
+        out = output_of(ours(**batch))
+    fused = [n for n in seen.names if n in ("bpext::mlp_forward", "bpext::gated_mlp_forward")]
+    assert fused == [f"bpext::{v[0].split('(')[0]}_forward" for v in expected.values()]
+    torch.testing.assert_close(out, output_of(native.train(training)(**batch)), rtol=1e-5, atol=1e-5)
+
+
+def test_functional_dropout_that_is_on_breaks_the_chain():
+    """BART with its default dropouts: F.dropout(p=0.1, training=self.training) between fc1's activation
+    and fc2 is off in eval mode (one MLP op) and on in training (a dense op, then fc2)."""
+    torch.manual_seed(0)
+    native = bart(dropout=0.1, activation_dropout=0.1)
+    ours = bpext.convert(copy.deepcopy(native))
+    assert bpext.fusions(ours.eval()) == {"decoder.layers.0": ["mlp(fc1, fc2, gelu, identity)"]}
+    assert bpext.fusions(ours.train()) == {"decoder.layers.0": ["dense(fc1, gelu)"]}
+    batch = TOKENS()
+    for training in (False, True):
+        torch.manual_seed(1)
+        expected = output_of(native.train(training)(**batch))
+        torch.manual_seed(1)
+        torch.testing.assert_close(output_of(ours.train(training)(**batch)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_with_extra_kwargs_runs_the_layers_own_forward():
+    """A layer's rewrite serves the calls that pass nothing to its **kwargs; any other runs the class's
+    forward (which passes them on), with the same result as native."""
+    native, ours, _, _ = converted("opt")
+    layer, reference = ours.decoder.layers[0].eval(), native.decoder.layers[0].eval()
+    x = torch.randn(2, 5, 32)
+    seen_kwargs = []
+    reference.self_attn.register_forward_pre_hook(lambda m, a, k: seen_kwargs.append(sorted(k)), with_kwargs=True)
+    layer.self_attn.register_forward_pre_hook(lambda m, a, k: seen_kwargs.append(sorted(k)), with_kwargs=True)
+    for kwargs in ({}, {"output_attentions": False}):
+        with Ops() as seen:
+            y = layer(x, **kwargs)
+        torch.testing.assert_close(y, reference(x, **kwargs))
+        assert ("bpext::mlp_forward" in seen.names) == (not kwargs)
+    assert seen_kwargs[2] == seen_kwargs[3] and "output_attentions" in seen_kwargs[3]
 
 
 def test_convnext_with_1x1_convolutions_is_left_as_it_is():

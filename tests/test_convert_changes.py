@@ -492,3 +492,40 @@ def test_jit_script_compiles_the_models_own_forward(make, fuse):
     torch.testing.assert_close(ours(x), ref_y)
     if fuse and bpext.fusions(ours):
         assert "forward" in ours.__dict__
+
+
+def _ulps(y: torch.Tensor, exact: torch.Tensor) -> float:
+    """The largest error of float32 values y, in float32 ulps of the exact values (where those are normal)."""
+    normal = exact.abs() >= torch.finfo(torch.float32).tiny
+    ulp = 2.0 ** (torch.floor(torch.log2(exact[normal].abs())) - 23)
+    return ((y.double()[normal] - exact[normal]).abs() / ulp).max().item()
+
+
+ROUNDED = {"bloom": ("transformers.models.bloom.modeling_bloom", "BloomGelu"),
+           "fast_gelu": ("transformers.activations", "FastGELUActivation")}
+
+
+@pytest.mark.parametrize("where", ROUNDED.values(), ids=ROUNDED.keys())
+def test_activations_with_truncated_constants_fuse_where_they_are_bpexts_within_rounding(where):
+    """BLOOM's GELU (sqrt(2/pi) to 8 digits) and FastGELU (to 10) are tanh-GELU within float32's rounding,
+    not float64's: fused in float32, bpext's values and gradients no farther from the float64 truth than the
+    module's own; left as they are in float64, also when the model becomes float64 after convert."""
+    module = pytest.importorskip(where[0])
+    act = getattr(module, where[1])()
+    native, ours = _pair(lambda: nn.Sequential(nn.Linear(4, 64), act, nn.Linear(64, 4)))
+    assert bpext.fusions(ours) == {"": ["mlp(0, 2, gelu_tanh, identity)"]}
+    x = torch.linspace(-12, 12, 20001).double().requires_grad_()  # float32 values, exactly
+    exact = torch.nn.functional.gelu(x, approximate="tanh")
+    (exact_grad,) = torch.autograd.grad(exact.sum(), x)
+    theirs, ours_ = x.detach().float().requires_grad_(), x.detach().float().requires_grad_()
+    y_theirs, y_ours = act.train()(theirs), bpext.functional.activation(ours_, "gelu_tanh")
+    (y_theirs.sum() + y_ours.sum()).backward()
+    assert _ulps(y_ours, exact) <= _ulps(y_theirs, exact)
+    assert _ulps(ours_.grad, exact_grad) <= _ulps(theirs.grad, exact_grad)
+    torch.testing.assert_close(ours(x.detach().float()[:, None].expand(-1, 4)[:50]),
+                               native(x.detach().float()[:, None].expand(-1, 4)[:50]))
+    assert bpext.fusions(bpext.convert(copy.deepcopy(native).double())) == {}
+    ours.double()
+    with pytest.warns(UserWarning, match="the dtypes of the layers it fuses"):
+        torch.testing.assert_close(ours(x.detach()[:, None].expand(-1, 4)[:50]),
+                                   native.double()(x.detach()[:, None].expand(-1, 4)[:50]))
