@@ -41,7 +41,8 @@ from . import causal_lm
 from . import functional as F
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
-from .recognition import _leaves, activation_of_node, linear_of_module, widest_dtype
+from .recognition import DROPOUTS, _leaves, activation_of_node, linear_of_module, widest_dtype
+from .tracing import Calls, ChildrenAsLeaves
 
 __all__ = ["convert", "fusions"]
 
@@ -138,11 +139,7 @@ def _passthrough(root: nn.Module, node: fx.Node) -> bool:
     module = root.get_submodule(node.target)
     if type(module) is nn.Identity:
         return True
-    return type(module) in _DROPOUTS and (not module.training or module.p == 0)
-
-
-# torch's dropouts, exactly: a subclass may drop in eval mode too (MC dropout)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    return type(module) in DROPOUTS and (not module.training or module.p == 0)
 
 
 # torch.nn.functional's dropouts: {function: its signature, defaults included}
@@ -372,56 +369,6 @@ class _Rewriter:
                              f"mlp({', '.join(lin.target for lin in linears)}, {hidden}, {output})")
 
 
-class _ChildrenAsLeaves(fx.Tracer):
-    def __init__(self, root: nn.Module):
-        super().__init__()
-        self.root_module = root
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self.root_module
-
-    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        # fx cannot unpack a Proxy as *args or **kwargs: they are traced empty (see _accepts)
-        return super().create_args_for_root(_named_only(root_fn), is_module, concrete_args)
-
-
-_P = inspect.Parameter
-_VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
-
-
-def _named_only(fn):
-    """``fn`` taking only its named parameters, its ``*args`` and ``**kwargs`` left empty (``fn``
-    itself where it has neither): what a forward that passes ``**kwargs`` on (every transformers
-    layer) computes for a call without them, which is what fx can trace."""
-    parameters = inspect.signature(inspect.unwrap(fn)).parameters.values()
-    if not any(p.kind in _VARIADIC for p in parameters):
-        return fn
-    named = [p for p in parameters if p.kind not in _VARIADIC]
-    positional = [p.name for p in named if p.kind is not _P.KEYWORD_ONLY]
-    keyword = [p.name for p in named if p.kind is _P.KEYWORD_ONLY]
-    header = ", ".join(positional + (["*", *keyword] if keyword else []))
-    call = ", ".join(positional + [f"{k}={k}" for k in keyword])
-    namespace = {"_bpext_forward": fn}
-    exec(f"def forward({header}):\n    return _bpext_forward({call})", namespace)  # noqa: S102 - names of a signature
-    wrapper = namespace["forward"]
-    wrapper.__defaults__ = tuple(p.default for p in named if p.kind is not _P.KEYWORD_ONLY
-                                 and p.default is not _P.empty) or None
-    wrapper.__kwdefaults__ = {p.name: p.default for p in named if p.kind is _P.KEYWORD_ONLY
-                              and p.default is not _P.empty} or None
-    return wrapper
-
-
-def _accepts(forward) -> tuple | None:
-    """For a forward with ``*args`` or ``**kwargs``, which calls its rewrite serves (those without
-    them): (how many positional arguments after self, the names it takes); None for any other."""
-    parameters = list(inspect.signature(inspect.unwrap(forward)).parameters.values())[1:]
-    if not any(p.kind in _VARIADIC for p in parameters):
-        return None
-    named = [p for p in parameters if p.kind not in _VARIADIC]
-    return (sum(p.kind is not _P.KEYWORD_ONLY for p in named),
-            frozenset(p.name for p in named if p.kind is not _P.POSITIONAL_ONLY))
-
-
 def _compile(src: str, globals_: dict):
     """The forward function of a rewritten graph's source, taking the module as ``self``."""
     namespace = dict(globals_)
@@ -645,7 +592,7 @@ class _Rewrite:
     descriptions: list
     fused: tuple
     groups: tuple
-    accepts: tuple | None  # the calls it serves, for a forward with *args or **kwargs (_accepts)
+    calls: Calls  # the calls it serves: what the trace assumed of them
     assumed: _Assumed | None = None
     fn: object = None
 
@@ -656,9 +603,6 @@ class _Rewrite:
     def holds(self, module: nn.Module) -> bool:
         return self.assumed is not None and self.assumed.holds(module)
 
-    def serves(self, args: tuple, kwargs: dict) -> bool:
-        """Whether it computes this call: one that passes nothing to the forward's *args or **kwargs."""
-        return self.accepts is None or len(args) <= self.accepts[0] and self.accepts[1].issuperset(kwargs)
 
     def portable_scope(self) -> dict | None:
         """The scope as it pickles (modules by name), or None where something in it does not pickle."""
@@ -671,7 +615,8 @@ class _Rewrite:
 
     def copy(self, memo: dict) -> "_Rewrite":
         """For a deep copy of the module (in ``memo``): what it assumed, of the copy's objects."""
-        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups, self.accepts,
+        return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups,
+                        copy.deepcopy(self.calls, memo),
                         copy.deepcopy(self.assumed, memo), self.fn)
 
 
@@ -688,7 +633,8 @@ def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None,
         try:
             with _TRACING, warnings.catch_warnings(), _mode_changes(grad_modes):
                 warnings.simplefilter("ignore")
-                graph = _ChildrenAsLeaves(module).trace(module)
+                tracer = ChildrenAsLeaves(module)
+                graph = tracer.trace(module)
         except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
             _changed_and_restore(before)
             return state, None, set(), None
@@ -706,7 +652,7 @@ def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None,
         return state, None, rewriter.hooked, None
     code = graph.python_code(root_module="self")
     rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups),
-                       _accepts(type(module).forward))
+                       tracer.calls())
     return state, rewrite, rewriter.hooked, None
 
 
@@ -754,13 +700,13 @@ class FusedForward:
 
     def __call__(self, *args, **kwargs):
         current = self.current()
-        if current is None or not current.serves(args, kwargs):
+        if current is None or not current.calls.serves(args, kwargs):
             return type(self.module).forward(self.module, *args, **kwargs)
         return current.fn(self.module, *args, **kwargs)
 
     def __reduce__(self):
         # Only rewrites that hold now, and whose generated code pickles, travel along.
-        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.accepts, r.assumed) for state, r in self.rewrites.items()
+        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.calls, r.assumed) for state, r in self.rewrites.items()
                 if r.holds(self.module) and (scope := r.portable_scope()) is not None}
         return (_restore, (self.module, kept))
 

@@ -20,7 +20,10 @@ from torch import fx, nn
 from .activations import REGISTRY, ResolvedActivation, resolve
 from .nn import Dense, activation_of
 
-__all__ = ["activation_of_node", "linear_of_module", "widest_dtype"]
+__all__ = ["DROPOUTS", "activation_of_module", "activation_of_node", "linear_of_module", "widest_dtype"]
+
+# torch's dropouts, exactly: a subclass may drop in eval mode too (MC dropout)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def _qualname(cls: type) -> str:
