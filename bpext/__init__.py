@@ -59,7 +59,7 @@ def _load_cpu_kernels() -> str:
 
 CPU_KERNELS = _load_cpu_kernels()  # the SIMD level of the CPU kernels in use
 
-from . import _ops, functional, nn  # noqa: E402
+from . import _ops, functional, nn, tensor_parallel  # noqa: E402
 from ._ops import OPS  # noqa: E402
 from .activations import ACTIVATIONS, resolve  # noqa: E402
 from .convert import convert, fusions  # noqa: E402

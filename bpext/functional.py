@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 
 from ._ops import mlp_keeps_nothing, ops
 from .activations import ResolvedActivation, resolve, resolve_by_values
+from .tensor_parallel import is_dtensor
 
 __all__ = [
     "ActivationFunction", "ActivationBackwardFunction", "ActivationSecondFunction", "DenseFunction",
@@ -917,6 +918,10 @@ def mlp(
                              f"got shape {list(b.shape)}")
     x, *tensors = _autocast(x, *weights, *biases)
     n = len(weights)
+    if any(is_dtensor(t) for t in (x, *tensors)):  # DTensors: layer by layer (the mlp ops' lists have no sharding rule)
+        for i, (weight, bias) in enumerate(zip(tensors[:n], tensors[n:])):
+            x = dense(x, weight, bias, output if i == n - 1 else hidden)
+        return x
     if _plain_eager():
         return ops.mlp(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
                        output.params)

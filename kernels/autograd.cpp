@@ -154,7 +154,7 @@ struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_x, grad_weight, grad_bias] = dense_backward_op().call(
         grad_y, mask[1] ? OptionalTensor(x) : std::nullopt, mask[0] ? OptionalTensor(weight) : std::nullopt,
-        s.defined() ? s : at::empty({0}, grad_y.options()), act.name, act.params, mask);
+        s.defined() ? s : grad_y.new_empty({0}), act.name, act.params, mask);  // new_empty: a DTensor for a DTensor
     if (mask[0]) out[0] = grad_x;
     if (mask[1]) out[1] = grad_weight;
     if (mask[2]) out[2] = grad_bias;
