@@ -59,6 +59,7 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
             _fuse_module(module, name)
     for module in list(model.modules()):
         _swap_in_place(module)
+    _make_scriptable(model)
     for module in model.modules():  # the rewrites assume the model as convert leaves it
         fused = _fused_forward(module)
         for rewrite in fused.rewrites.values() if fused is not None else ():
@@ -133,7 +134,8 @@ def _passthrough(root: nn.Module, node: fx.Node) -> bool:
             return False
         bound.apply_defaults()
         p, training = bound.arguments["p"], bound.arguments["training"]
-        return not any(isinstance(a, fx.Node) for a in (p, training)) and (p == 0 or training is False)
+        return (isinstance(p, (int, float)) and 0 <= p <= 1 and isinstance(training, bool)  # else it raises
+                and (p == 0 or training is False))
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
         return False
     module = root.get_submodule(node.target)
@@ -143,9 +145,9 @@ def _passthrough(root: nn.Module, node: fx.Node) -> bool:
 
 
 # torch.nn.functional's dropouts: {function: its signature, defaults included}
+# (dropout1d/2d/3d check their input's dimensions even when off: not passed through)
 _FUNCTIONAL_DROPOUTS = {fn: inspect.signature(fn) for fn in (
-    torch.nn.functional.dropout, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d,
-    torch.nn.functional.dropout3d, torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout)}
+    torch.nn.functional.dropout, torch.nn.functional.alpha_dropout, torch.nn.functional.feature_alpha_dropout)}
 
 
 # ---- rewriting a traced forward ----------------------------------------------------------------
@@ -180,12 +182,27 @@ def _gated_weights(gate, up) -> tuple:
     return weights[half], biases[half], weights[1 - half], biases[1 - half]
 
 
+def _unequal_halves(gate, up) -> bool:
+    """One Linear's halves of unequal widths (an odd number of outputs, where chunk's broadcast)."""
+    return up is None and gate[0].weight.shape[0] % 2 == 1
+
+
+def _halves_natively(x, gate, act):
+    """act(gate) * up of one Linear's chunks, as the forward has it (for widths the gated ops do not take)."""
+    halves = torch.nn.functional.linear(x, gate[0].weight, gate[0].bias).chunk(2, dim=-1)
+    return F.activation(halves[gate[1]], act) * halves[1 - gate[1]]
+
+
 def _fused_gated(x, gate, up, activation, params):
+    if _unequal_halves(gate, up):
+        return _halves_natively(x, gate, _act(activation, params))
     weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
     return F.gated(x, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params))
 
 
 def _fused_gated_mlp(x, gate, up, down, down_transposed, activation, params):
+    if _unequal_halves(gate, up):
+        return F.dense(_halves_natively(x, gate, _act(activation, params)), _weight(down, down_transposed), down.bias)
     weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
     return F.gated_mlp(x, weight_gate, weight_up, _weight(down, down_transposed), bias_gate, bias_up, down.bias,
                        _act(activation, params))
@@ -377,9 +394,11 @@ def _compile(src: str, globals_: dict):
 
 
 def _train_state(module: nn.Module) -> tuple:
-    """The state a rewrite depends on: the module's train flag and which of its dropouts are active."""
-    dropouts = [m for m in module.children() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    return (module.training, *(d.training and d.p > 0 for d in dropouts))
+    """The state a rewrite depends on: the train flags of the module and its children (a forward may
+    read any of them), and which of its dropouts are active."""
+    children = module._modules.values()
+    return (module.training, *(c.training for c in children if c is not None),
+            *(c.training and c.p > 0 for c in children if isinstance(c, nn.modules.dropout._DropoutNd)))
 
 
 def _one_dtype(root: nn.Module, linears, widest: torch.dtype | None) -> bool:
@@ -397,7 +416,7 @@ _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, h) for h in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-_INSTALLED = ("forward", "__prepare_scriptable__")  # what convert installs on a module it rewrites
+_INSTALLED = ("forward", "__prepare_scriptable__")  # what convert installs on a module
 _INTERNAL = frozenset(vars(nn.Module())) | set(_INSTALLED)  # nn.Module's own bookkeeping, and convert's
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
@@ -650,9 +669,14 @@ def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None,
             m.training = flag
     if not found:
         return state, None, rewriter.hooked, None
+    if tracer.refusal:
+        return state, None, rewriter.hooked, tracer.refusal
     code = graph.python_code(root_module="self")
-    rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups),
-                       tracer.calls())
+    try:
+        rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups),
+                           tracer.calls())
+    except SyntaxError:  # a signature fx does not write back (a required keyword after a default)
+        return state, None, rewriter.hooked, None
     return state, rewrite, rewriter.hooked, None
 
 
@@ -700,7 +724,7 @@ class FusedForward:
 
     def __call__(self, *args, **kwargs):
         current = self.current()
-        if current is None or not current.calls.serves(args, kwargs):
+        if current is None or not current.calls.serves(self.module, args, kwargs):
             return type(self.module).forward(self.module, *args, **kwargs)
         return current.fn(self.module, *args, **kwargs)
 
@@ -739,6 +763,26 @@ class BoundForward(functools.partial):
         return inspect.signature(functools.partial(type(fused.module).forward, fused.module))
 
 
+def _scriptable(module: nn.Module) -> nn.Module:
+    """What ``torch.jit.script`` compiles of a module of a converted model: a copy sharing its
+    parameters, buffers, hooks and children, with its class's forward (TorchScript compiles Python
+    source, not a rewrite) and a dictionary of children of its own (TorchScript puts the children's
+    scriptable forms there, leaving the converted model as it is)."""
+    scriptable = copy.copy(module)
+    for name in _INSTALLED:
+        scriptable.__dict__.pop(name, None)
+    scriptable.__dict__["_modules"] = dict(module._modules)
+    return scriptable
+
+
+def _make_scriptable(model: nn.Module) -> None:
+    """Gives each module with children its scriptable form (those of a class with its own keep it)."""
+    for module in model.modules():
+        if (module._modules and not hasattr(type(module), "__prepare_scriptable__")
+                and not isinstance(module, torch.jit.ScriptModule)):
+            module.__dict__["__prepare_scriptable__"] = functools.partial(_scriptable, module)
+
+
 def _fusable_child(module: nn.Module) -> bool:
     return (isinstance(module, (nn.Linear, nn.Identity, nn.modules.dropout._DropoutNd))
             or activation_of(module) is not None)
@@ -749,8 +793,7 @@ def _fuse_module(module: nn.Module, name: str) -> None:
     if (isinstance(module, (nn.Linear, torch.jit.ScriptModule, fx.GraphModule)) or not list(module.children())
             or (installed is not None and not isinstance(installed, BoundForward))):  # someone else's forward
         return
-    for installed_name in _INSTALLED:  # converted before: fused again as the module is now
-        module.__dict__.pop(installed_name, None)
+    module.__dict__.pop("forward", None)  # converted before: fused again as the module is now
     rewrites, hooked, reasons = FusedForward.build(module)
     where = name or type(module).__name__
     if hooked:
@@ -760,18 +803,6 @@ def _fuse_module(module: nn.Module, name: str) -> None:
         warnings.warn(f"bpext.convert: {where} is not fused: {reason}", stacklevel=3)
     if rewrites:
         module.__dict__["forward"] = BoundForward(FusedForward.__call__, FusedForward(module, rewrites))
-        module.__dict__["__prepare_scriptable__"] = functools.partial(_scriptable, module)
-
-
-def _scriptable(module: nn.Module) -> nn.Module:
-    """What ``torch.jit.script`` compiles of a rewritten module: a copy (sharing parameters, buffers,
-    hooks and children) that runs its class's forward, as TorchScript compiles Python source; its
-    children's own ``__prepare_scriptable__`` put bpext's ops under their forwards."""
-    scriptable = copy.copy(module)
-    for name in _INSTALLED:
-        scriptable.__dict__.pop(name)
-    scriptable.__dict__["_modules"] = dict(module._modules)  # TorchScript replaces children in it
-    return scriptable
 
 
 def _fused_forward(module: nn.Module) -> FusedForward | None:

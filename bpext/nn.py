@@ -3,7 +3,6 @@ activation, generated from the registry (named, constructed and parametrised as 
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import torch
@@ -53,23 +52,30 @@ class Dense(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return torch.ops.bpext.dense(input, self.weight, self.bias, self._script_activation, self._script_params)
+            return torch.ops.bpext.dense(input, self.weight, self.bias, self._bpext_script_activation,
+                                         self._bpext_script_params)
         else:
             return F.dense(input, self.weight, self.bias, self.activation)
 
     def __prepare_scriptable__(self) -> "Dense":
-        """What ``torch.jit.script`` compiles: a copy sharing the parameters and hooks, its activation
-        as the name and parameter values that ``torch.ops.bpext.dense`` (autograd in C++) takes."""
-        scriptable = copy.copy(self)
-        scriptable.__dict__.update(_script_activation=self.activation.name, _script_params=list(self.activation.params))
-        return scriptable
+        """For ``torch.jit.script``: the activation as the name and parameter values that
+        ``torch.ops.bpext.dense`` (autograd in C++) takes."""
+        _for_script(self, self.activation)
+        return self
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
 
 
-# set by __prepare_scriptable__; typed for TorchScript (which reads no string annotations)
-Dense.__annotations__ = {"_script_activation": str, "_script_params": list[float]}
+def _for_script(module: nn.Module, act: ResolvedActivation) -> None:
+    """Sets what a scripted forward reads of its activation (as the ops take it), on the module itself:
+    torch.jit.script puts what ``__prepare_scriptable__`` returns in the place of the module."""
+    module.__dict__.update(_bpext_script_activation=act.name, _bpext_script_params=list(act.params))
+
+
+# typed for TorchScript, which reads no string annotations
+_SCRIPTED = {"_bpext_script_activation": str, "_bpext_script_params": list[float]}
+Dense.__annotations__ = dict(_SCRIPTED)
 
 
 def _linear_stack(widths: list[int], bias: bool, factory: dict) -> nn.ModuleList:
@@ -283,22 +289,28 @@ def _make_torch_twin(torch_class: type[nn.Module]) -> type[nn.Module]:
         activation_of(self, strict=True)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.bpext.activation_forward(input, self._bpext_script_activation, self._bpext_script_params)
+        else:
+            return F.activation(input, self._bpext_resolved())
+
+    def _bpext_resolved(self) -> ResolvedActivation:
         key = tuple(getattr(self, name) for name in self._bpext_attributes)
         if self.__dict__.get("_bpext_key") != key:
             self.__dict__["_bpext_activation"], self.__dict__["_bpext_key"] = activation_of(self), key
-        return F.activation(input, self._bpext_activation)
+        return self._bpext_activation
 
     def __prepare_scriptable__(self):
-        """``torch.jit.script`` compiles torch's own forward (a copy of the module, same attributes)."""
-        scriptable = copy.copy(self)
-        scriptable.__class__ = torch_class
-        return scriptable
+        """For ``torch.jit.script``: the activation as ``torch.ops.bpext.activation_forward`` takes it."""
+        _for_script(self, self._bpext_resolved())
+        return self
 
     names = sorted({p.name for s in _SPECS_BY_MODULE[torch_class] for p in s.params}
                    | {k for s in _SPECS_BY_MODULE[torch_class] for k in s.torch.fixed})
     doc = f"``torch.nn.{torch_class.__name__}`` computed by bpext's kernels (same arguments)."
     return type(torch_class.__name__, (torch_class,), {
-        "__init__": __init__, "forward": forward, "__prepare_scriptable__": __prepare_scriptable__, "__doc__": doc, "__module__": __name__,
+        "__init__": __init__, "forward": forward, "_bpext_resolved": _bpext_resolved,
+        "__prepare_scriptable__": __prepare_scriptable__, "__annotations__": dict(_SCRIPTED), "__doc__": doc, "__module__": __name__,
         "_bpext_attributes": tuple(names)})
 
 

@@ -7,6 +7,7 @@
 // saved tensors, same double backward built of differentiable pieces).
 #include <ATen/ATen.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/autocast_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -302,6 +303,31 @@ at::Tensor mlp(const at::Tensor& x, at::TensorList weights, at::TensorList biase
   return MLPAutograd::apply(x, weights, biases, activation, params, output_activation, output_params, true)[0];
 }
 
+// Under torch.autocast the layers compute in the autocast dtype, as nn.Linear does (float64 and
+// tensors of other devices kept): a direct call of the op, e.g. from TorchScript, where
+// bpext.functional, which casts before its calls, does not run.
+template <c10::DeviceType kDevice>
+struct Autocast {
+  static at::Tensor cast(const at::Tensor& t) {
+    return at::autocast::cached_cast(at::autocast::get_autocast_dtype(kDevice), t, kDevice);
+  }
+  static std::vector<at::Tensor> cast(at::TensorList list) {
+    return at::autocast::cached_cast(at::autocast::get_autocast_dtype(kDevice), list, kDevice);
+  }
+  static at::Tensor dense_(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
+                           c10::string_view activation, Params params) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+    return dense(cast(x), cast(weight), bias.has_value() ? OptionalTensor(cast(*bias)) : std::nullopt, activation,
+                 params);
+  }
+  static at::Tensor mlp_(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                         c10::string_view activation, Params params, c10::string_view output_activation,
+                         Params output_params) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+    return mlp(cast(x), cast(weights), cast(biases), activation, params, output_activation, output_params);
+  }
+};
+
 // CompositeImplicitAutograd: one kernel above autograd for every device (and for meta and fake
 // tensors, whose forward ops are the fake ones); the Function records the graph itself.
 const bool registered = [] {
@@ -310,6 +336,13 @@ const bool registered = [] {
                                 __FILE__, __LINE__);
   library.impl("dense", TORCH_FN(dense));
   library.impl("mlp", TORCH_FN(mlp));
+  static torch::Library autocast_cpu(torch::Library::IMPL, "bpext", c10::DispatchKey::AutocastCPU, __FILE__, __LINE__);
+  autocast_cpu.impl("dense", TORCH_FN(Autocast<c10::DeviceType::CPU>::dense_));
+  autocast_cpu.impl("mlp", TORCH_FN(Autocast<c10::DeviceType::CPU>::mlp_));
+  static torch::Library autocast_cuda(torch::Library::IMPL, "bpext", c10::DispatchKey::AutocastCUDA, __FILE__,
+                                      __LINE__);
+  autocast_cuda.impl("dense", TORCH_FN(Autocast<c10::DeviceType::CUDA>::dense_));
+  autocast_cuda.impl("mlp", TORCH_FN(Autocast<c10::DeviceType::CUDA>::mlp_));
   return true;
 }();
 

@@ -5,6 +5,7 @@ against the same model unconverted, through the same change."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import pickle
 import threading
@@ -476,9 +477,13 @@ def test_jit_script_compiles_the_models_own_forward(make, fuse):
     native, ours = _pair(make)
     if not fuse:
         ours = bpext.convert(copy.deepcopy(native), fuse=False)
-    if isinstance(native, nn.ModuleList):
-        native, ours = native[0], ours[0]
+    if isinstance(native, nn.ModuleList):  # scripted from inside: its container is left as it is too
+        container, native, ours = ours, native[0], ours[0]
+    else:
+        container = ours
+    modules, fused = list(container.modules()), bpext.fusions(container)
     scripted, reference = torch.jit.script(ours), torch.jit.script(native)
+    assert all(a is b for a, b in zip(container.modules(), modules)) and bpext.fusions(container) == fused
     x = torch.randn(3, 8)
     y, grad_x, grads = _step(scripted, x)
     ref_y, ref_grad_x, ref_grads = _step(reference, x)
@@ -488,6 +493,10 @@ def test_jit_script_compiles_the_models_own_forward(make, fuse):
         torch.testing.assert_close(g, ref)
     assert "bpext::dense" in str(scripted.graph) or "bpext.dense" in "".join(m.code for m in scripted.modules())
     assert [p.data_ptr() for p in scripted.parameters()] == [p.data_ptr() for p in ours.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bpext::dense has autocast kernels, as linear
+        y, ref_y = scripted(x), reference(x)
+    assert y.dtype == ref_y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref_y)
     # the converted model itself is untouched: still fused, as it was
     torch.testing.assert_close(ours(x), ref_y)
     if fuse and bpext.fusions(ours):
@@ -529,3 +538,169 @@ def test_activations_with_truncated_constants_fuse_where_they_are_bpexts_within_
     with pytest.warns(UserWarning, match="the dtypes of the layers it fuses"):
         torch.testing.assert_close(ours(x.detach()[:, None].expand(-1, 4)[:50]),
                                    native.double()(x.detach()[:, None].expand(-1, 4)[:50]))
+
+
+# ---- forwards a trace stands for only in part ---------------------------------------------------------
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 4)
+
+
+def _scale_default_2(forward):
+    @functools.wraps(forward)
+    def wrapper(self, x, scale=2.0, **kwargs):
+        return forward(self, x, scale, **kwargs)
+    return wrapper
+
+
+def _accepts_more(forward):
+    @functools.wraps(forward)
+    def wrapper(self, x, **kwargs):
+        return forward(self, x) * (2 if kwargs.get("double") else 1)
+    return wrapper
+
+
+class WrappedDefault(_TwoLayers):
+    @_scale_default_2
+    def forward(self, x, scale=1.0, **kwargs):
+        return self.fc2(torch.relu(self.fc1(x))) * scale
+
+
+class WrappedKwargs(_TwoLayers):
+    @_accepts_more
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class KeywordAfterDefault(_TwoLayers):
+    def forward(self, x, scale=1.0, *, k, **kwargs):
+        return self.fc2(torch.relu(self.fc1(x))) * scale * k
+
+
+class TestsNone(_TwoLayers):
+    def forward(self, x, pool_dim=None, extra=None, **kwargs):
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        if pool_dim is not None:
+            h = h.mean(pool_dim)
+        return h if extra is None else h + extra
+
+
+class AsksIsinstance(_TwoLayers):
+    def forward(self, x, y=None):
+        h = self.fc2(torch.relu(self.fc1(x)))
+        return h + y if isinstance(y, torch.Tensor) else h
+
+
+class ReadsAChildsFlag(_TwoLayers):
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.dropout(torch.relu(self.fc1(x)), 0.9, self.fc1.training))
+
+
+class OddHalves(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_up = nn.Linear(4, 3)  # chunk(2): widths 2 and 1, which the product broadcasts
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+
+CALLS = {  # model: the calls to compare, as (args, kwargs)
+    "a wrapper's own default": (WrappedDefault, [((), {}), ((), {"scale": 3.0})]),
+    "a wrapper that takes more": (WrappedKwargs, [((), {}), ((), {"double": True})]),
+    "a required keyword after a default": (KeywordAfterDefault, [((), {"k": 2.0}), ((0.5,), {"k": 3.0})]),
+    "arguments tested against None": (TestsNone, [((), {}), ((0,), {}), ((), {"extra": torch.ones(4)}),
+                                                  ((None,), {"extra": None})]),
+    "isinstance of an argument": (AsksIsinstance, [((), {}), ((torch.ones(4),), {})]),
+    "one Linear's unequal halves": (OddHalves, [((), {})]),
+}
+
+
+@pytest.mark.parametrize("make,calls", CALLS.values(), ids=CALLS.keys())
+def test_a_rewrite_serves_only_the_calls_its_trace_stands_for(make, calls):
+    native, ours = _pair(make)
+    x = torch.randn(3, 4)
+    for args, kwargs in calls:
+        xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_native, y_ours = native(xs[0], *args, **kwargs), ours(xs[1], *args, **kwargs)
+        torch.testing.assert_close(y_ours, y_native)
+        y_native.square().sum().backward()
+        y_ours.square().sum().backward()
+        torch.testing.assert_close(xs[1].grad, xs[0].grad)
+
+
+def test_a_forward_under_an_unknown_wrapper_is_left_with_a_warning():
+    with pytest.warns(UserWarning, match="wrapped by .*whose code a rewrite would skip"):
+        bpext.convert(WrappedDefault())
+    with pytest.warns(UserWarning, match="asks isinstance of y"):
+        bpext.convert(AsksIsinstance())
+
+
+def test_a_train_flag_read_from_a_child_is_part_of_the_state():
+    native, ours = _pair(ReadsAChildsFlag)
+    for model in (native, ours):
+        model.eval()
+        model.fc1.train()
+    x = torch.randn(50, 4)
+    torch.manual_seed(0)
+    expected = native(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours(x), expected)
+
+
+@pytest.mark.parametrize("call", ["p above 1", "dropout1d of a 4-D input"])
+def test_functional_dropout_that_raises_natively_is_not_passed_through(call):
+    class Bad(_TwoLayers):
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            h = (torch.nn.functional.dropout(h, 1.5, self.training) if call == "p above 1"
+                 else torch.nn.functional.dropout1d(h, 0.5, self.training))
+            return self.fc2(h)
+
+    native, ours = _pair(Bad)
+    x = torch.randn(2, 3, 5, 4)
+    with pytest.raises((ValueError, RuntimeError)) as expected:
+        native.eval()(x)
+    with pytest.raises(type(expected.value)):
+        ours.eval()(x)
+
+
+def test_gradient_checkpointing_of_a_transformers_layer_runs_the_layers_wrapper():
+    """transformers' GradientCheckpointingLayer wraps forward to checkpoint it: with checkpointing on
+    (training, grad enabled) the converted layer runs that wrapper (its own forward), else its rewrite."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,
+                                    vocab_size=50, max_position_embeddings=16, word_embed_proj_dim=16, dropout=0.0,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    native = transformers.OPTModel(config)
+    native.gradient_checkpointing_enable()
+    ours = bpext.convert(copy.deepcopy(native))
+    layer = ours.decoder.layers[0]
+    ids = torch.randint(0, 50, (2, 5))
+    for model in (native, ours):
+        model.train()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        names: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as seen:
+        out, ref = ours(input_ids=ids).last_hidden_state, native(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        ref.sum().backward()
+    assert not any("mlp_forward" in n for n in seen.names)  # the layer's own forward, checkpointed
+    for p, q in zip(native.parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+    with Ops() as seen:
+        ours.eval()(input_ids=ids)
+    assert any("mlp_forward" in n for n in seen.names)  # no checkpointing: the rewrite
