@@ -494,9 +494,9 @@ def test_jit_script_compiles_the_models_own_forward(make, fuse):
     assert "bpext::dense" in str(scripted.graph) or "bpext.dense" in "".join(m.code for m in scripted.modules())
     assert [p.data_ptr() for p in scripted.parameters()] == [p.data_ptr() for p in ours.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bpext::dense has autocast kernels, as linear
-        y, ref_y = scripted(x), reference(x)
-    assert y.dtype == ref_y.dtype == torch.bfloat16
-    torch.testing.assert_close(y, ref_y)
+        low, ref_low = scripted(x), reference(x)
+    assert low.dtype == ref_low.dtype == torch.bfloat16
+    torch.testing.assert_close(low, ref_low)
     # the converted model itself is untouched: still fused, as it was
     torch.testing.assert_close(ours(x), ref_y)
     if fuse and bpext.fusions(ours):
