@@ -106,6 +106,58 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
+def _tp_style(module: nn.Module) -> str | None:
+    """"colwise" or "rowwise" where the module's only hooks are those ``parallelize_module`` gives a
+    Linear with torch's ColwiseParallel (output sharded on its last dim, as a local tensor) or
+    RowwiseParallel (input sharded on its last dim), None where it has no hooks, "other" else: a
+    fused pattern runs a colwise layer's input hook and a rowwise layer's output hook itself, which
+    is what those layers do between them natively."""
+    if not (module._forward_pre_hooks or module._forward_hooks):
+        return None
+    if (len(module._forward_pre_hooks) != 1 or len(module._forward_hooks) != 1 or module._backward_hooks
+            or module._backward_pre_hooks or module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs):
+        return "other"
+    (pre,), (post,) = (map(_distributed_fn, hooks.values()) for hooks in (module._forward_pre_hooks, module._forward_hooks))
+    if pre is None or post is None:
+        return "other"
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if pre.func is ColwiseParallel._prepare_input_fn and post.func is ColwiseParallel._prepare_output_fn:
+        output_layouts, use_local_output = post.args
+        return "colwise" if output_layouts == (Shard(-1),) and use_local_output else "other"
+    if pre.func is RowwiseParallel._prepare_input_fn and post.func is RowwiseParallel._prepare_output_fn:
+        input_layouts, _ = pre.args
+        return "rowwise" if input_layouts == (Shard(-1),) else "other"
+    return "other"
+
+
+def _distributed_fn(hook) -> functools.partial | None:
+    """The style's input or output function (with its layouts) a ``distribute_module`` hook calls, or None."""
+    code = getattr(hook, "__code__", None)
+    if code is None or not code.co_qualname.startswith("distribute_module.") or not hook.__closure__:
+        return None
+    return next((c.cell_contents for c in hook.__closure__ if isinstance(c.cell_contents, functools.partial)), None)
+
+
+def _entering(first: nn.Module, x):
+    """x as the first Linear of a fused pattern would take it: through its input hooks (a TP plan's)."""
+    for hook in first._forward_pre_hooks.values():
+        result = hook(first, (x,))
+        if result is not None:
+            x = result[0] if isinstance(result, tuple) else result
+    return x
+
+
+def _leaving(last: nn.Module, x, y):
+    """A fused pattern's output as its last Linear returns it: through its output hooks (a TP plan's)."""
+    for hook in last._forward_hooks.values():
+        result = hook(last, (x,), y)
+        if result is not None:
+            y = result
+    return y
+
+
 @dataclass(frozen=True)
 class _Linear:
     target: str        # the submodule's path
@@ -162,12 +214,15 @@ def _weight(linear: nn.Module, transposed: bool) -> torch.Tensor:
 
 
 def _fused_dense(x, linear, transposed, activation, params):
-    return F.dense(x, _weight(linear, transposed), linear.bias, _act(activation, params))
+    h = _entering(linear, x)
+    return _leaving(linear, x, F.dense(h, _weight(linear, transposed), linear.bias, _act(activation, params)))
 
 
 def _fused_mlp(x, linears, transposed, activation, params, output_activation, output_params):
-    return F.mlp(x, [_weight(lin, t) for lin, t in zip(linears, transposed)], [lin.bias for lin in linears],
-                 _act(activation, params), _act(output_activation, output_params))
+    h = _entering(linears[0], x)
+    y = F.mlp(h, [_weight(lin, t) for lin, t in zip(linears, transposed)], [lin.bias for lin in linears],
+              _act(activation, params), _act(output_activation, output_params))
+    return _leaving(linears[-1], x, y)
 
 
 def _gated_weights(gate, up) -> tuple:
@@ -197,15 +252,34 @@ def _fused_gated(x, gate, up, activation, params):
     if _unequal_halves(gate, up):
         return _halves_natively(x, gate, _act(activation, params))
     weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
-    return F.gated(x, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params))
+    if up is None:  # one Linear's halves (no TP plan's hooks: _tp_plan_of)
+        return F.gated(x, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params))
+    h = _entering(gate, x)
+    return _leaving(up, x, F.gated(h, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params)))
 
 
 def _fused_gated_mlp(x, gate, up, down, down_transposed, activation, params):
     if _unequal_halves(gate, up):
         return F.dense(_halves_natively(x, gate, _act(activation, params)), _weight(down, down_transposed), down.bias)
     weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
-    return F.gated_mlp(x, weight_gate, weight_up, _weight(down, down_transposed), bias_gate, bias_up, down.bias,
-                       _act(activation, params))
+    h = _entering(gate if up is not None else gate[0], x)
+    y = F.gated_mlp(h, weight_gate, weight_up, _weight(down, down_transposed), bias_gate, bias_up, down.bias,
+                    _act(activation, params))
+    return _leaving(down, x, y)
+
+
+def _tp_plan_of(fn, args) -> tuple | None:
+    """The TP plan a fused pattern runs as native does (its Linears' styles, in order), or None: an
+    MLP of two layers (colwise, rowwise), a dense colwise layer with its activation, the gated ones
+    with colwise gate and up and a rowwise down projection; never one Linear's halves (a colwise
+    shard of both is not the halves of one rank's)."""
+    if fn is _fused_dense:
+        return ("colwise",)
+    if fn is _fused_mlp:
+        return ("colwise", "rowwise") if len(args[1]) == 2 else None
+    if args[2] is None:  # halves
+        return None
+    return ("colwise", "colwise") if fn is _fused_gated else ("colwise", "colwise", "rowwise")
 
 
 def _chunk_signature(input, chunks, dim=0):
@@ -220,7 +294,7 @@ class _Rewriter:
         self.found: list[str] = []
         self.hooked: set[str] = set()  # children a pattern would have fused, but whose hooks must run
         self.fused: set[str] = set()  # the children the patterns fused (their calls are gone)
-        self.groups: list[tuple] = []  # each pattern's Linears, which share one dtype, and the widest it may be
+        self.groups: list[tuple] = []  # each pattern's Linears (one dtype), the widest dtype, its TP plan
 
     def run(self) -> list[str]:
         for match in (self._gated, self._chain):  # gated first: its gate is also the start of a chain
@@ -235,15 +309,19 @@ class _Rewriter:
         linears = tuple(a.target for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr")
         bounds = [d for n in dead if n.op == "call_module" and (d := widest_dtype(self.root.get_submodule(n.target)))]
         widest = min(bounds, key=lambda d: d.itemsize, default=None)
-        if not _one_dtype(self.root, linears, widest):
-            # Layers of several dtypes: a cast between them (T5 keeps wo in float32) may hide behind a
-            # test that tracing cannot see; the module's own forward runs them.
+        plan = _tp_plan_of(fn, args)
+        styles = tuple(_tp_style(self.root.get_submodule(t)) for t in linears)
+        if any(styles) and styles != plan:  # hooks other than a plan this pattern runs as native does
+            self.hooked.update(t for t, style in zip(linears, styles) if style)
+        if any(styles) and styles != plan or not _one_dtype(self.root, linears, widest):
+            # (Layers of several dtypes: a cast between them (T5 keeps wo in float32) may hide behind a
+            # test that tracing cannot see.) The module's own forward runs them.
             for ref in [a for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr"]:
                 if not ref.users:
                     self.graph.erase_node(ref)
             return set()
         self.fused.update(n.target for n in dead if n.op == "call_module")
-        self.groups.append((linears, widest))
+        self.groups.append((linears, widest, plan))
         with self.graph.inserting_before(last):
             new = self.graph.call_function(fn, args)
         last.replace_all_uses_with(new)
@@ -259,7 +337,7 @@ class _Rewriter:
         if node is None or node.op != "call_module":
             return node is not None
         module = self.root.get_submodule(node.target)
-        if _has_hooks(module):
+        if _has_hooks(module) and ("forward" in module.__dict__ or _tp_style(module) not in ("colwise", "rowwise")):
             if _fusable_child(module):
                 self.hooked.add(node.target)
             return False
@@ -468,14 +546,16 @@ class _Assumed:
     children: tuple
     buffers: tuple  # (name, buffer, its version): a forward may read a buffer's value as a constant
     fused: tuple  # (name, child, its class, its attributes)
-    groups: tuple  # ((Linear, ...), the widest dtype or None) per pattern
+    groups: tuple  # ((Linear, ...), the widest dtype or None, the TP plan it may run) per pattern
+    planned: frozenset  # the Linears that may have a TP plan's hooks
 
     @staticmethod
     def of(module: nn.Module, fused: tuple, groups: tuple) -> "_Assumed":
+        linears = tuple((tuple(module.get_submodule(t) for t in names), widest, plan) for names, widest, plan in groups)
         return _Assumed(type(module).forward, _attributes(module), tuple(module._modules.items()),
                         tuple((k, b, b._version) for k, b in module._buffers.items() if b is not None),
                         tuple((t, c, type(c), _attributes(c)) for t, c in ((t, module.get_submodule(t)) for t in fused)),
-                        tuple((tuple(module.get_submodule(t) for t in names), widest) for names, widest in groups))
+                        linears, frozenset(linear for group, _, plan in linears if plan for linear in group))
 
     def holds(self, module: nn.Module) -> bool:
         for hooks in _GLOBAL_HOOKS:
@@ -496,14 +576,18 @@ class _Assumed:
             if buffers.get(name) is not buffer or buffer._version != version:
                 return False
         for _, child, cls, attributes in self.fused:
-            if (type(child) is not cls or child._forward_hooks or child._forward_pre_hooks or child._backward_hooks
-                    or child._backward_pre_hooks or "forward" in child.__dict__
+            if (type(child) is not cls or (child._forward_hooks or child._forward_pre_hooks) and child not in self.planned
+                    or child._backward_hooks or child._backward_pre_hooks or "forward" in child.__dict__
                     or not _same_attributes(child, attributes)):
                 return False
-        for group, widest in self.groups:
+        for group, widest, plan in self.groups:
             dtype = group[0].weight.dtype
             if widest is not None and dtype.itemsize > widest.itemsize:
                 return False
+            if plan is not None:
+                styles = tuple(_tp_style(linear) for linear in group)
+                if any(styles) and styles != plan:
+                    return False
             for linear in group:
                 if linear.weight.dtype != dtype:
                     return False

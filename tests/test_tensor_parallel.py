@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bpext
 
@@ -35,10 +36,11 @@ def _plans():
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
-    ffn = {"0": ColwiseParallel(), "2": RowwiseParallel()}
-    sequence = {"0": SequenceParallel(), "1": ColwiseParallel(input_layouts=Shard(1)),
-                "3": RowwiseParallel(output_layouts=Shard(1))}
-    return ffn, sequence
+    return {"ffn": {"0": ColwiseParallel(), "2": RowwiseParallel()},
+            "sequence": {"0": SequenceParallel(), "1": ColwiseParallel(input_layouts=Shard(1)),
+                         "3": RowwiseParallel(output_layouts=Shard(1))},
+            "llama": {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(), "down_proj": RowwiseParallel()},
+            "bert": {"intermediate.dense": ColwiseParallel(), "output.dense": RowwiseParallel()}}
 
 
 def _train(model, x, steps=STEPS):
@@ -60,12 +62,53 @@ def _train(model, x, steps=STEPS):
     return outputs, grads, [full(p).detach() for p in model.parameters()]
 
 
-def _counts(model, x):
-    from torch.distributed.tensor.debug import CommDebugMode
+class _Ops(TorchDispatchMode):
+    """The collectives run (by name, counted) and the bpext ops (torch's CommDebugMode would add
+    global module hooks, under which a converted model runs its own forward)."""
 
-    with CommDebugMode() as comm:
+    def __init__(self):
+        super().__init__()
+        self.collectives, self.bpext = {}, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if func.namespace in ("_c10d_functional", "c10d"):
+            self.collectives[name] = self.collectives.get(name, 0) + 1
+        elif func.namespace == "bpext":
+            self.bpext.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _counts(model, x):
+    """(the collectives of a training step, the bpext ops it runs)."""
+    with _Ops() as ops:
         model(x).sum().backward()
-    return {str(k): v for k, v in comm.get_comm_counts().items()}
+    return ops.collectives, sorted(ops.bpext)
+
+
+class _LlamaMLP(nn.Module):
+    """transformers' LlamaMLP (gate_proj, up_proj, down_proj), small."""
+
+    def __new__(cls):
+        import transformers
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        return LlamaMLP(transformers.LlamaConfig(hidden_size=8, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2))
+
+
+class _BertFFN(nn.Module):
+    """transformers' BERT feed-forward: BertIntermediate (dense, gelu) and BertOutput (dense, dropout, norm)."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers
+        from transformers.models.bert.modeling_bert import BertIntermediate, BertOutput
+
+        config = transformers.BertConfig(hidden_size=8, intermediate_size=32, num_attention_heads=2, hidden_dropout_prob=0.0)
+        self.intermediate, self.output = BertIntermediate(config), BertOutput(config)
+
+    def forward(self, x):
+        return self.output(self.intermediate(x), x)
 
 
 def _case(name, mesh):
@@ -73,7 +116,7 @@ def _case(name, mesh):
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from torch.distributed.tensor.parallel import parallelize_module
 
-    ffn_plan, sequence_plan = _plans()
+    plans = _plans()
     torch.manual_seed(0)
     if name == "gated_mlp op":  # colwise gate and up, rowwise down: one gated_mlp on the shards, one all-reduce
         x = torch.randn(4, 5, 8)
@@ -85,33 +128,32 @@ def _case(name, mesh):
             ws = [distribute_tensor(w.clone(), mesh, [p]).requires_grad_() for w, p in zip(weights, placements[0])]
             bs = [distribute_tensor(b.clone(), mesh, [p]).requires_grad_() for b, p in zip(biases, placements[1])]
             xd = DTensor.from_local(x, mesh, [Replicate()])
-            from torch.distributed.tensor.debug import CommDebugMode
-
-            with CommDebugMode() as comm:
+            with _Ops() as ops:
                 y = fn(xd, *ws, *bs)
                 y.full_tensor().square().sum().backward()
             results.append(([y.full_tensor().detach()], [t.grad.full_tensor() for t in ws + bs], [],
-                            {str(k): v for k, v in comm.get_comm_counts().items()}))
+                            (ops.collectives, sorted(ops.bpext))))
         return results
-    make, plan, x = {"ffn": (_ffn, ffn_plan, torch.randn(4, 5, 8)),
-                     "ffn converted before the plan": (_ffn, ffn_plan, torch.randn(4, 5, 8)),
-                     "sequence parallel": (_norm_ffn, sequence_plan, torch.randn(2, 6, 8))}[name]
+    make, plan, x = {"ffn": (_ffn, "ffn", torch.randn(4, 5, 8)),
+                     "sequence parallel": (_norm_ffn, "sequence", torch.randn(2, 6, 8)),
+                     "llama mlp": (_LlamaMLP, "llama", torch.randn(2, 5, 8)),
+                     "bert ffn": (_BertFFN, "bert", torch.randn(2, 5, 8))}[name.removesuffix(" converted first")]
     native = make()
     ours = copy.deepcopy(native)
+    first = name.endswith("converted first")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a fused block whose layers the plan hooks runs its own forward
-        if name == "ffn converted before the plan":
+        warnings.simplefilter("error")  # the fused patterns run under the plan: nothing to warn of
+        if first:
             bpext.convert(ours)
-        parallelize_module(native, mesh, plan)
-        parallelize_module(ours, mesh, plan)
-        if name != "ffn converted before the plan":
+        parallelize_module(native, mesh, plans[plan])
+        parallelize_module(ours, mesh, plans[plan])
+        if not first:
             bpext.convert(ours)
-        if name == "sequence parallel":  # each rank holds its part of the sequence
+        if plan == "sequence":  # each rank holds its part of the sequence
             x = x.chunk(mesh.size(), dim=1)[mesh.get_local_rank()]
         results = []
         for model in (native, ours):
             results.append((*_train(model, x), _counts(model, x)))
-    assert any(isinstance(m, bpext.nn.Dense) for m in ours.modules())
     return results
 
 
@@ -120,7 +162,14 @@ def _native_gated_mlp(x, wg, wu, wd, bg, bu, bd):
                                 wd, bd)
 
 
-CASES = ["ffn", "ffn converted before the plan", "sequence parallel", "gated_mlp op"]
+# case: the bpext ops its training step runs (each on the ranks' shards)
+CASES = {"ffn": ["dense_backward", "dense_forward"],
+         "ffn converted first": ["dense_backward", "dense_forward"],
+         "sequence parallel": ["dense_backward", "dense_forward"],
+         "llama mlp": ["gated_mlp_backward", "gated_mlp_forward"],
+         "llama mlp converted first": ["gated_mlp_backward", "gated_mlp_forward"],
+         "bert ffn": ["dense_backward", "dense_forward"],
+         "gated_mlp op": ["gated_mlp_backward", "gated_mlp_forward"]}
 
 
 def _run(rank, world, port, out_dir):
@@ -136,7 +185,7 @@ def _run(rank, world, port, out_dir):
                 (n_out, n_grads, n_params, n_comm), (b_out, b_grads, b_params, b_comm) = _case(name, mesh)
                 diff = max(((a - b).abs().max() / a.abs().max().clamp_min(1)).item()  # relative to the largest
                            for a, b in zip(n_out + n_grads + n_params, b_out + b_grads + b_params))
-                report[name] = {"diff": diff, "native_comm": n_comm, "bpext_comm": b_comm}
+                report[name] = {"diff": diff, "native_comm": n_comm[0], "bpext_comm": b_comm[0], "ops": b_comm[1]}
             except Exception:
                 report[name] = {"error": traceback.format_exc()}
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -182,8 +231,9 @@ def test_a_plan_gives_natives_results_and_communication(reports, case):
         result = report[case]
         assert "error" not in result, f"rank {rank}:\n{result.get('error')}"
         assert result["diff"] < 1e-5, (rank, result["diff"])
-        # no more collectives than native's layers run (the same ones)
+        # no more collectives than native's layers run (the same ones), bpext's fused ops on the shards
         assert result["bpext_comm"] == result["native_comm"], (rank, result)
+        assert result["ops"] == CASES[case], (rank, result["ops"])
 
 
 def test_the_rules_wait_for_dtensor_to_be_imported():
