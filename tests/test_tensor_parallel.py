@@ -244,3 +244,56 @@ def test_the_rules_wait_for_dtensor_to_be_imported():
     code = ("import sys, bpext; assert 'torch.distributed.tensor' not in sys.modules; "
             "import torch.distributed.tensor; from bpext import tensor_parallel; assert tensor_parallel._registered")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _hf_worker(rank, port, path, out_dir):
+    code = 1
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        import transformers
+
+        torch.set_num_threads(1)
+        native = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' plan replaces each Linear's forward: not fused
+            ours = bpext.convert(transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto"))
+        ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+        losses = []
+        for model in (native, ours):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(STEPS):
+                loss = model(input_ids=ids, labels=ids).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        with open(os.path.join(out_dir, f"hf{rank}.json"), "w") as f:
+            json.dump({"native": losses[:STEPS], "bpext": losses[STEPS:], "fusions": bpext.fusions(ours)}, f)
+        dist.barrier()
+        dist.destroy_process_group()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def test_a_transformers_llama_loaded_with_tp_plan_auto_trains_as_native(tmp_path):
+    """from_pretrained(tp_plan="auto") then convert: the same losses step by step (transformers' plan
+    replaces each Linear's forward with its own, so those layers run as they are, unfused)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=100,
+                                      max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    mp.spawn(_hf_worker, args=(_free_port(), str(tmp_path / "llama"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"hf{rank}.json").read_text())
+        assert result["bpext"] == pytest.approx(result["native"], rel=1e-5)
