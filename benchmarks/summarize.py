@@ -24,7 +24,8 @@ def summarize(runs: list[dict], phase: str) -> str:
     for suite, case in keys:
         cells = []
         for column in columns:
-            values = [e[column] for run in runs for e in run["ratios"]
+            values = [e[column][0] if isinstance(e[column], list) else e[column]  # a ratio of rounds: its median
+                      for run in runs for e in run["ratios"]
                       if (e["suite"], e["case"], e["phase"]) == (suite, case, phase) and column in e]
             if not values:
                 cells.append("-")

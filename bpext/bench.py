@@ -2,9 +2,13 @@
 
 Cases: activations (forward, backward, both; GB/s next to a memory copy), single
 dense layers (with their three GEMMs alone as the floor), and MLPs (the fused
-bpext.nn.MLP, and per-layer Dense as "bpext-dense"). Each case
-reports median times, ratios native/bpext and compiled/bpext, the bytes saved for
-backward and, on CUDA, peak memory. Writes results.json, results.csv and results.png.
+bpext.nn.MLP, and per-layer Dense as "bpext-dense"). The variants of a case are timed in
+interleaved rounds (each round times every variant once, in an order that turns each round):
+each ratio (native/bpext, compiled/bpext, ...) is the median of one ratio per round, with its
+quartiles, which hold where absolute times move by 30% between runs. Each case also reports the
+bytes saved for backward, on CUDA the peak memory, and how near the machine's limit it runs
+(GFLOP/s over a large sgemm's, GB/s over a copy's; the machine line). Writes results.json,
+results.csv and results.png.
 """
 
 from __future__ import annotations
@@ -12,16 +16,16 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils import benchmark
-
 import bpext
 
 from . import functional
@@ -39,6 +43,7 @@ class Row:
     tflops: float | None = None  # dense: GEMM FLOP per second
     saved_bytes: int | None = None
     peak_mb: float | None = None
+    over_bpext: tuple | None = None  # this variant's time over bpext's: (median, first, third quartile) of rounds
     extra: dict = field(default_factory=dict)
 
 
@@ -47,12 +52,45 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> float:
-    """Median milliseconds of fn() with torch.utils.benchmark (CUDA synchronised by the Timer)."""
-    fn()
-    _sync(device)
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def rounds(variants: dict[str, Callable[[], object]], n_rounds: int, sample_s: float, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one sample per round, the variants interleaved (their order
+    turns each round, so that none always runs after the same one). A sample repeats a variant's call
+    for about ``sample_s`` (calibrated once), CUDA synchronised around it."""
+    calls = {}
+    for name, fn in variants.items():
+        fn()  # warm up
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        calls[name] = max(1, math.ceil(sample_s / max(time.perf_counter() - start, 1e-9)))
+    names, out = list(variants), {name: [] for name in variants}
+    for r in range(n_rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order if r % 2 == 0 else order[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                variants[name]()
+            _sync(device)
+            out[name].append((time.perf_counter() - start) / calls[name])
+    return out
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return statistics.median(values), q1, q3
+
+
+def interleaved(native: Callable[[], object], bpext: Callable[[], object], pairs: int, device: str = "cpu") -> dict:
+    """Two variants as the median of interleaved pairs: {"ratio": native/bpext, "iqr": (q1, q3),
+    "native_s", "bpext_s": median seconds} (the benchmarks' scripts use it)."""
+    times = rounds({"native": native, "bpext": bpext}, pairs, 0.0, device)
+    ratio, q1, q3 = spread([a / b for a, b in zip(times["native"], times["bpext"])])
+    return {"ratio": ratio, "iqr": (q1, q3), **{f"{k}_s": statistics.median(v) for k, v in times.items()}}
 
 
 def saved_bytes(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
@@ -95,7 +133,7 @@ def _compile(fn):
 class Bench:
     def __init__(self, device: str, dtype: torch.dtype, quick: bool, compile_native: bool, progress=None):
         self.device, self.dtype, self.quick, self.compile_native = device, dtype, quick, compile_native
-        self.min_run_time = 0.05 if quick else 0.3
+        self.n_rounds, self.sample_s = (5, 0.005) if quick else (15, 0.02)
         self.rows: list[Row] = []
         self.progress = progress
 
@@ -104,8 +142,13 @@ class Bench:
             self.progress.set_postfix_str(what)
             self.progress.update(1)
 
-    def t(self, fn) -> float:
-        return time_ms(fn, self.device, self.min_run_time)
+    def compare(self, variants: dict[str, Callable[[], object]]) -> dict[str, tuple[float, tuple | None]]:
+        """{variant: (median ms, its time over bpext's per round as (median, q1, q3), None for bpext)}."""
+        times = rounds(variants, self.n_rounds, self.sample_s, self.device)
+        base = times.get("bpext") or times.get("bpext-dense")
+        return {name: (statistics.median(t) * 1e3,
+                       None if t is base or base is None else spread([a / b for a, b in zip(t, base)]))
+                for name, t in times.items()}
 
     # -- activations -------------------------------------------------------------------
 
@@ -118,26 +161,25 @@ class Bench:
         g = torch.randn_like(x)
         e = x.element_size()
         copy_out = torch.empty_like(x)
-        copy_ms = self.t(lambda: copy_out.copy_(x))
+        copy_ms = self.compare({"copy": lambda: copy_out.copy_(x)})["copy"][0]
         self.rows.append(Row("activation", f"copy n={n}", "copy", "fwd", copy_ms, gbps=2 * n * e / copy_ms / 1e6))
         bytes_by_phase = {"fwd": 2 * n * e, "bwd": 3 * n * e, "fwd+bwd": 5 * n * e}
         for name in self.activation_names():
             ref = resolve(name).reference
-            variants = {"bpext": lambda t, name=name: functional.activation(t, name), "native": ref}
+            fns = {"bpext": lambda t, name=name: functional.activation(t, name), "native": ref}
             if self.compile_native:
-                variants["compiled"] = _compile(ref)
-            for variant, fn in variants.items():
-                xr = x.clone().requires_grad_(True)
-                y = fn(xr)
-                times = {
-                    "fwd": self.t(lambda: fn(x)),
-                    "bwd": self.t(lambda: torch.autograd.grad(y, xr, g, retain_graph=True)),
-                    "fwd+bwd": self.t(lambda: torch.autograd.grad(fn(xr), xr, g)),
-                }
-                for phase, ms in times.items():
+                fns["compiled"] = _compile(ref)
+            xr = {variant: x.clone().requires_grad_(True) for variant in fns}
+            ys = {variant: fn(xr[variant]) for variant, fn in fns.items()}
+            phases = {
+                "fwd": {v: lambda fn=fn: fn(x) for v, fn in fns.items()},
+                "bwd": {v: lambda v=v: torch.autograd.grad(ys[v], xr[v], g, retain_graph=True) for v in fns},
+                "fwd+bwd": {v: lambda v=v, fn=fn: torch.autograd.grad(fn(xr[v]), xr[v], g) for v, fn in fns.items()},
+            }
+            for phase, variants in phases.items():
+                for variant, (ms, over) in self.compare(variants).items():
                     self.rows.append(Row("activation", f"{name} n={n}", variant, phase, ms,
-                                         gbps=bytes_by_phase[phase] / ms / 1e6))
-                del y, xr
+                                         gbps=bytes_by_phase[phase] / ms / 1e6, over_bpext=over))
             self._tick(name)
 
     # -- layers and models: native, torch.compile, bpext (converted), both compiled, the GEMM floor --
@@ -153,17 +195,20 @@ class Bench:
             variants["compiled"] = _compile(native)
             variants["bpext-compiled"] = _compile(ours)
         flop = sum(2 * rows * fin * fout for rows, fin, fout in gemms) * 3
+        steps, params_of = {}, {}
         for variant, model in variants.items():
             params = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else \
                 list(native.parameters())
             inputs = [x, *params] if input_grad else params
-            step = lambda m=model, i=inputs: torch.autograd.grad(m(x).sum(), i)  # noqa: E731
-            ms = self.t(step)
-            self.rows.append(Row(suite, case, variant, "fwd+bwd", ms, tflops=flop / ms / 1e9,
-                                 saved_bytes=saved_bytes(lambda m=model: m(x), [x, *params]),
-                                 peak_mb=peak_mb(step, self.device)))
-        ms = self.t(self._gemm_floor(gemms, input_grad))
-        self.rows.append(Row(suite, case, "gemm-floor", "fwd+bwd", ms, tflops=flop / ms / 1e9))
+            steps[variant] = lambda m=model, i=inputs: torch.autograd.grad(m(x).sum(), i)  # noqa: E731
+            params_of[variant] = params
+        steps["gemm-floor"] = self._gemm_floor(gemms, input_grad)
+        for variant, (ms, over) in self.compare(steps).items():
+            model = variants.get(variant)
+            self.rows.append(Row(suite, case, variant, "fwd+bwd", ms, tflops=flop / ms / 1e9, over_bpext=over,
+                                 saved_bytes=None if model is None else
+                                 saved_bytes(lambda m=model: m(x), [x, *params_of[variant]]),
+                                 peak_mb=None if model is None else peak_mb(steps[variant], self.device)))
 
     def _gemm_floor(self, gemms: list[tuple], input_grad: bool):
         """The matrix products of a stack's forward and backward, alone: per (rows, in, out), the
@@ -263,12 +308,12 @@ class Bench:
             if self.compile_native:
                 variants["compiled"] = _compile(native)
             flop = 2 * tokens * hidden * vocab * 3
-            for variant, fn in variants.items():
-                step = lambda fn=fn: torch.autograd.grad(fn(h, w), [h, w])  # noqa: E731
-                ms = self.t(step)
+            steps = {variant: lambda fn=fn: torch.autograd.grad(fn(h, w), [h, w]) for variant, fn in variants.items()}
+            for variant, (ms, over) in self.compare(steps).items():
+                fn = variants[variant]
                 self.rows.append(Row("loss", f"{tokens} tokens x vocab {vocab}, hidden {hidden}", variant, "fwd+bwd",
                                      ms, tflops=flop / ms / 1e9, saved_bytes=saved_bytes(lambda fn=fn: fn(h, w), [h, w]),
-                                     peak_mb=peak_mb(step, self.device)))
+                                     peak_mb=peak_mb(steps[variant], self.device), over_bpext=over))
             self._tick(f"loss {tokens}x{vocab}")
 
 
@@ -299,8 +344,9 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def ratios(rows: list[Row]) -> list[dict]:
-    """Per (suite, case, phase): native/bpext and compiled/bpext time ratios, saved-bytes ratio."""
+def ratios(rows: list[Row], machine: dict | None = None) -> list[dict]:
+    """Per (suite, case, phase): each variant's time over bpext's ((median, q1, q3) of the rounds),
+    the saved-bytes ratio, and bpext's fraction of the machine's limit (``machine``: its peaks)."""
     out = []
     keys = list(dict.fromkeys((r.suite, r.case, r.phase) for r in rows))  # in the order they ran
     for suite, case, phase in keys:
@@ -310,54 +356,79 @@ def ratios(rows: list[Row]) -> list[dict]:
             continue
         entry = {"suite": suite, "case": case, "phase": phase, "bpext_ms": ours.median_ms}
         for other in ("native", "compiled", "gemm-floor", "bpext-dense"):
-            if other in group:
-                entry[f"{other}/bpext"] = group[other].median_ms / ours.median_ms
+            if other in group and group[other].over_bpext is not None:
+                entry[f"{other}/bpext"] = group[other].over_bpext
         if "compiled" in group and "bpext-compiled" in group:
             entry["compiled/bpext-compiled"] = group["compiled"].median_ms / group["bpext-compiled"].median_ms
         if ours.saved_bytes is not None and group.get("native") and group["native"].saved_bytes:
             entry["saved bpext/native"] = ours.saved_bytes / group["native"].saved_bytes
+        if machine and ours.tflops is not None and machine.get("sgemm_gflops"):
+            entry["of peak"] = ours.tflops * 1e3 / machine["sgemm_gflops"]
+        elif machine and ours.gbps is not None and machine.get("copy_gbps"):
+            entry["of peak"] = ours.gbps / machine["copy_gbps"]
         out.append(entry)
     return out
 
 
-def format_table(rows: list[Row]) -> str:
-    head = (f"{'suite':<11} {'case':<38} {'phase':<7} {'bpext ms':>9} {'native/':>8} {'compiled/':>9} "
-            f"{'cmp/cmp':>7} {'floor/':>7} {'Dense/':>7} {'GB/s':>7} {'TFLOP/s':>8} {'saved':>6}")
+def _ratio(v) -> str:
+    """A ratio of rounds as 'median (q1-q3)'."""
+    if v is None:
+        return "-"
+    return f"{v[0]:.2f} ({v[1]:.2f}-{v[2]:.2f})"
+
+
+def format_table(rows: list[Row], machine: dict | None = None) -> str:
+    head = (f"{'suite':<11} {'case':<38} {'phase':<7} {'bpext ms':>9} {'native/bpext':>17} {'compiled/bpext':>17} "
+            f"{'cmp/cmp':>7} {'floor/bpext':>17} {'Dense/':>7} {'of peak':>7} {'saved':>6}")
     lines = [head, "-" * len(head)]
-    by_key = {(r.suite, r.case, r.phase, r.variant): r for r in rows}
-    for e in ratios(rows):
-        ours = by_key.get((e["suite"], e["case"], e["phase"], "bpext")) or \
-            by_key.get((e["suite"], e["case"], e["phase"], "bpext-dense"))
+    for e in ratios(rows, machine):
         fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+        dense = e.get("bpext-dense/bpext")
         lines.append(
             f"{e['suite']:<11} {e['case']:<38} {e['phase']:<7} {e['bpext_ms']:>9.3f} "
-            f"{fmt(e.get('native/bpext'), '8.2f'):>8} {fmt(e.get('compiled/bpext'), '9.2f'):>9} "
-            f"{fmt(e.get('compiled/bpext-compiled'), '7.2f'):>7} "
-            f"{fmt(e.get('gemm-floor/bpext'), '7.2f'):>7} {fmt(e.get('bpext-dense/bpext'), '7.2f'):>7} "
-            f"{fmt(ours.gbps, '7.1f'):>7} "
-            f"{fmt(ours.tflops, '8.2f'):>8} {fmt(e.get('saved bpext/native'), '6.2f'):>6}")
-    copies = [r for r in rows if r.variant == "copy"]
-    if copies:
-        lines.append(f"memory copy: {copies[0].gbps:.1f} GB/s ({copies[0].case})")
-    lines.append("native/, compiled/: native eager and torch.compile time over bpext's; cmp/cmp: torch.compile of the "
-                 "native model over torch.compile of the converted one; floor/: the matrix products alone over bpext; "
-                 "Dense/: per-layer Dense over the fused MLP; saved: bytes kept for backward, bpext/native")
+            f"{_ratio(e.get('native/bpext')):>17} {_ratio(e.get('compiled/bpext')):>17} "
+            f"{fmt(e.get('compiled/bpext-compiled'), '7.2f'):>7} {_ratio(e.get('gemm-floor/bpext')):>17} "
+            f"{fmt(dense[0] if dense else None, '7.2f'):>7} {fmt(e.get('of peak'), '7.0%'):>7} "
+            f"{fmt(e.get('saved bpext/native'), '6.2f'):>6}")
+    lines.append("x/bpext: x's time over bpext's, the median of one ratio per interleaved round (quartiles); cmp/cmp: "
+                 "torch.compile of the native model over torch.compile of the converted one; floor: the matrix "
+                 "products alone; Dense/: per-layer Dense over the fused MLP; of peak: bpext's GFLOP/s over the "
+                 "machine's sgemm (GB/s over its copy, for activations); saved: bytes kept for backward, bpext/native")
     return "\n".join(lines)
 
 
-def machine_info(device: str) -> dict:
+def measured_peaks(device: str, dtype: torch.dtype) -> dict:
+    """The machine's limits as bpext's cases meet them: a large matrix product's GFLOP/s (2048^3, in
+    ``dtype``; 8192^3 on CUDA) and a large copy's GB/s, each the best of five."""
+    n = 8192 if device.startswith("cuda") else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    src = torch.empty(2**25, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = lambda fn: min(rounds({"x": fn}, 5, 0.05, device)["x"])  # noqa: E731
+    return {"sgemm_gflops": 2 * n**3 / best(lambda: a @ a) / 1e9,
+            "copy_gbps": 2 * src.numel() * 4 / best(lambda: dst.copy_(src)) / 1e9}
+
+
+def machine_info(device: str, dtype: torch.dtype) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": cpu, "simd": bpext.CPU_KERNELS, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "bpext": bpext.__version__, "python": platform.python_version(), "device": device,
-            "date": time.strftime("%Y-%m-%d")}
+            "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d"),
+            **measured_peaks(device, dtype)}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def machine_line(info: dict) -> str:
+    where = info.get("gpu") or f"{info['cpu']}, bpext {info['simd']} kernels, {info['threads']} threads"
+    return (f"machine: {where}; {info['dtype']}; measured peak {info['sgemm_gflops']:.0f} GFLOP/s "
+            f"(matrix product), copy {info['copy_gbps']:.1f} GB/s; torch {info['torch']}")
 
 
 def plot(rows: list[Row], path: str, title: str) -> None:
@@ -367,11 +438,12 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     entries = [e for e in ratios(rows) if e["phase"] == "fwd+bwd"]
+    median = lambda e, key: e[key][0] if key in e else 0  # noqa: E731
     labels = [f"{e['suite']}: {e['case']}" for e in entries]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.32 * len(entries) + 2), sharey=True)
     ys = range(len(entries))
     for offset, key, color in ((-0.2, "native/bpext", "tab:blue"), (0.2, "compiled/bpext", "tab:orange")):
-        ax1.barh([y + offset for y in ys], [e.get(key, 0) for e in entries], height=0.4, label=key, color=color)
+        ax1.barh([y + offset for y in ys], [median(e, key) for e in entries], height=0.4, label=key, color=color)
     ax1.axvline(1.0, color="k", lw=0.8)
     ax1.set_xlabel("speed-up of bpext (time ratio, > 1 is faster), forward+backward")
     ax1.set_yticks(list(ys), labels, fontsize=7)
@@ -406,13 +478,14 @@ def run(device: str, dtype: torch.dtype, quick: bool, out_dir: str, suites: list
             bench.transformers()
         if "loss" in suites:
             bench.losses()
-    info = machine_info(device)
-    info["dtype"] = str(dtype).removeprefix("torch.")
+    info = machine_info(device, dtype)
     title = f"bpext vs native on {info.get('gpu', info['cpu'])} ({info['dtype']}, torch {info['torch']})"
     print(title)
-    print(format_table(bench.rows))
+    print(machine_line(info))
+    print(format_table(bench.rows, info))
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"machine": info, "rows": [asdict(r) for r in bench.rows], "ratios": ratios(bench.rows)}, f, indent=1)
+        json.dump({"machine": info, "rows": [asdict(r) for r in bench.rows], "ratios": ratios(bench.rows, info)}, f,
+                  indent=1)
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[k for k in asdict(bench.rows[0]) if k != "extra"])
         writer.writeheader()

@@ -33,7 +33,7 @@ def test_bench_quick_writes_results(tmp_path):
     r = run_cli("bench", "--device", "cpu", "--quick", "--no-compile", "--suite", "activation", "--suite", "dense",
                 "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    assert "native/" in r.stdout and "memory copy" in r.stdout
+    assert "native/bpext" in r.stdout and "measured peak" in r.stdout
     for name in ("results.json", "results.csv", "results.png"):
         assert (tmp_path / name).stat().st_size > 0
     data = json.loads((tmp_path / "results.json").read_text())
@@ -41,6 +41,11 @@ def test_bench_quick_writes_results(tmp_path):
     variants = {row["variant"] for row in data["rows"]}
     assert {"bpext", "native", "gemm-floor", "copy"} <= variants
     assert all(row["median_ms"] > 0 for row in data["rows"])
+    assert data["machine"]["sgemm_gflops"] > 0 and data["machine"]["copy_gbps"] > 0 and data["machine"]["simd"]
+    for entry in data["ratios"]:  # every comparison: the median of per-round ratios, with its quartiles
+        q1, q3 = entry["native/bpext"][1], entry["native/bpext"][2]
+        assert q1 <= entry["native/bpext"][0] <= q3
+        assert 0 < entry["of peak"]
 
 
 def test_demo_trains_both_models_identically(tmp_path):
