@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import sys
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import free_port, spawn
 
 import bpext
 
@@ -61,29 +56,6 @@ def _train_and_save(rank, port, wrap, init_state, out_path):
         dist.destroy_process_group()
 
 
-def _worker(rank, port, wrap, init_state, out_path):
-    # gloo's worker threads can outlive destroy_process_group and, releasing a Work that holds
-    # tensors during interpreter shutdown, abort the process (ProcessGroupGloo::runLoop ->
-    # decref_pyobject -> std::terminate), with nn.Linear as with bpext. The worker therefore
-    # leaves with os._exit once its result is saved, skipping the interpreter's teardown.
-    code = 1
-    try:
-        _train_and_save(rank, port, wrap, init_state, out_path)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_data_parallel_matches_single_process(wrap, tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
@@ -97,7 +69,7 @@ def test_data_parallel_matches_single_process(wrap, tmp_path):
     model = make_model()
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
     out = tmp_path / "rank0.pt"
-    mp.spawn(_worker, args=(free_port(), wrap, init_state, str(out)), nprocs=WORLD, join=True)
+    spawn(_train_and_save, WORLD, free_port(), wrap, init_state, str(out))
     reference = train(model, *data()).state_dict()
     trained = torch.load(out)
     assert trained.keys() == reference.keys()

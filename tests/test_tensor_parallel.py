@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import sys
 import traceback
 import warnings
@@ -15,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo import free_port, spawn
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -195,33 +194,12 @@ def _run(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _worker(rank, world, port, out_dir):
-    # Leaves with os._exit once the report is written: gloo's threads can outlive the process
-    # group and abort the interpreter's teardown (see tests/test_distributed.py).
-    code = 1
-    try:
-        _run(rank, world, port, out_dir)
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("tp")
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    spawn(_run, 2, 2, free_port(), str(out))
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -246,39 +224,30 @@ def test_the_rules_wait_for_dtensor_to_be_imported():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _hf_worker(rank, port, path, out_dir):
-    code = 1
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-        import transformers
+def _hf_train(rank, port, path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    import transformers
 
-        torch.set_num_threads(1)
-        native = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # transformers' plan replaces each Linear's forward: not fused
-            ours = bpext.convert(transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto"))
-        ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-        losses = []
-        for model in (native, ours):
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for _ in range(STEPS):
-                loss = model(input_ids=ids, labels=ids).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-        with open(os.path.join(out_dir, f"hf{rank}.json"), "w") as f:
-            json.dump({"native": losses[:STEPS], "bpext": losses[STEPS:], "fusions": bpext.fusions(ours)}, f)
-        dist.barrier()
-        dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    torch.set_num_threads(1)
+    native = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' plan replaces each Linear's forward: not fused
+        ours = bpext.convert(transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto"))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (native, ours):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(STEPS):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    with open(os.path.join(out_dir, f"hf{rank}.json"), "w") as f:
+        json.dump({"native": losses[:STEPS], "bpext": losses[STEPS:], "fusions": bpext.fusions(ours)}, f)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def test_a_transformers_llama_loaded_with_tp_plan_auto_trains_as_native(tmp_path):
@@ -293,7 +262,7 @@ def test_a_transformers_llama_loaded_with_tp_plan_auto_trains_as_native(tmp_path
                                       num_key_value_heads=2, intermediate_size=64, vocab_size=100,
                                       max_position_embeddings=32)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    mp.spawn(_hf_worker, args=(_free_port(), str(tmp_path / "llama"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_hf_train, 2, free_port(), str(tmp_path / "llama"), str(tmp_path))
     for rank in range(2):
         result = json.loads((tmp_path / f"hf{rank}.json").read_text())
         assert result["bpext"] == pytest.approx(result["native"], rel=1e-5)
