@@ -107,15 +107,24 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def _tp_style(module: nn.Module) -> str | None:
-    """"colwise" or "rowwise" where the module's only hooks are those ``parallelize_module`` gives a
-    Linear with torch's ColwiseParallel (output sharded on its last dim, as a local tensor) or
-    RowwiseParallel (input sharded on its last dim), None where it has no hooks, "other" else: a
-    fused pattern runs a colwise layer's input hook and a rowwise layer's output hook itself, which
-    is what those layers do between them natively."""
-    if not (module._forward_pre_hooks or module._forward_hooks):
+    """"colwise" or "rowwise" where a tensor-parallel plan is all the module has beyond its class:
+    torch's ColwiseParallel (output sharded on its last dim, as a local tensor) or RowwiseParallel
+    (input sharded on its last dim) as hooks, or transformers' own (``tp_plan``) as its forward;
+    None where it has neither hooks nor a forward of its own, "other" else. A fused pattern runs
+    its first Linear's input transform and its last one's output transform itself, which is what
+    the layers do between them natively (_entering, _leaving)."""
+    forward = module.__dict__.get("forward")
+    hooked = module._forward_pre_hooks or module._forward_hooks
+    if forward is None and not hooked:
         return None
-    if (len(module._forward_pre_hooks) != 1 or len(module._forward_hooks) != 1 or module._backward_hooks
-            or module._backward_pre_hooks or module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs):
+    if module._backward_hooks or module._backward_pre_hooks or (forward is not None and hooked):
+        return "other"
+    return _transformers_style(module, forward) if forward is not None else _torch_style(module)
+
+
+def _torch_style(module: nn.Module) -> str:
+    if (len(module._forward_pre_hooks) != 1 or len(module._forward_hooks) != 1
+            or module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs):
         return "other"
     (pre,), (post,) = (map(_distributed_fn, hooks.values()) for hooks in (module._forward_pre_hooks, module._forward_hooks))
     if pre is None or post is None:
@@ -140,8 +149,51 @@ def _distributed_fn(hook) -> functools.partial | None:
     return next((c.cell_contents for c in hook.__closure__ if isinstance(c.cell_contents, functools.partial)), None)
 
 
+_TRANSFORMERS_TP = "transformers.distributed.tensor_parallel"
+
+
+def _transformers_layer(module: nn.Module, forward) -> tuple | None:
+    """(transformers' TP style, its mesh) where ``forward`` is the one its ``install_forward`` gave a
+    Linear (around nn.Linear's own), else None."""
+    code = getattr(forward, "__code__", None)
+    if code is None or code.co_qualname != "TensorParallelLayer.install_forward.<locals>.tp_forward":
+        return None
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in forward.__closure__)))
+    style, inner = cells.get("self"), cells.get("original_forward")
+    if (cells.get("module") is not module or type(style).__module__ != _TRANSFORMERS_TP
+            or getattr(inner, "__func__", None) is not nn.Linear.forward or getattr(inner, "__self__", None) is not module):
+        return None
+    return style, cells.get("mesh")
+
+
+def _transformers_style(module: nn.Module, forward) -> str:
+    layer = _transformers_layer(module, forward)
+    if layer is None:
+        return "other"
+    style, _ = layer
+    from torch.distributed.tensor import Shard
+
+    if type(style).__name__ == "ColwiseParallel" and style.output_layouts == Shard(-1) and style.use_local_output:
+        return "colwise"
+    if type(style).__name__ == "RowwiseParallel" and style.input_layouts == Shard(-1):
+        return "rowwise"
+    return "other"
+
+
+def _runs_locally(linear: nn.Module) -> bool:
+    """transformers' TP layers run on local tensors without grad (and quantized): a fused pattern does not."""
+    forward = linear.__dict__.get("forward")
+    layer = _transformers_layer(linear, forward) if forward is not None else None
+    return layer is not None and layer[0].should_use_local_tensors(linear)
+
+
 def _entering(first: nn.Module, x):
-    """x as the first Linear of a fused pattern would take it: through its input hooks (a TP plan's)."""
+    """x as the first Linear of a fused pattern would take it: through its input hooks or transformers'
+    input transform (a TP plan's)."""
+    forward = first.__dict__.get("forward")
+    if forward is not None:
+        style, mesh = _transformers_layer(first, forward)
+        return style.transform_inputs_pre_forward(first, (x,), {}, mesh)[0][0]
     for hook in first._forward_pre_hooks.values():
         result = hook(first, (x,))
         if result is not None:
@@ -150,7 +202,12 @@ def _entering(first: nn.Module, x):
 
 
 def _leaving(last: nn.Module, x, y):
-    """A fused pattern's output as its last Linear returns it: through its output hooks (a TP plan's)."""
+    """A fused pattern's output as its last Linear returns it: through its output hooks or transformers'
+    output transform (a TP plan's)."""
+    forward = last.__dict__.get("forward")
+    if forward is not None:
+        style, mesh = _transformers_layer(last, forward)
+        return style.transform_output_post_forward(last, y, mesh)
     for hook in last._forward_hooks.values():
         result = hook(last, (x,), y)
         if result is not None:
@@ -289,14 +346,20 @@ def _chunk_signature(input, chunks, dim=0):
 class _Rewriter:
     """Finds and rewrites the layer patterns of one traced graph."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph):
+    def __init__(self, root: nn.Module, graph: fx.Graph, see_through_hooks: bool = False):
         self.root, self.graph = root, graph
+        self.see_through_hooks = see_through_hooks  # (to find which hooked children stop a pattern)
         self.found: list[str] = []
         self.hooked: set[str] = set()  # children a pattern would have fused, but whose hooks must run
         self.fused: set[str] = set()  # the children the patterns fused (their calls are gone)
         self.groups: list[tuple] = []  # each pattern's Linears (one dtype), the widest dtype, its TP plan
 
     def run(self) -> list[str]:
+        if not self.see_through_hooks:  # the patterns hooks stop, found on a copy of the graph
+            seeing = _Rewriter(self.root, copy.deepcopy(self.graph), see_through_hooks=True)
+            seeing.run()
+            self.hooked = {t for t in seeing.fused if _has_hooks(self.root.get_submodule(t))
+                           and _tp_style(self.root.get_submodule(t)) not in ("colwise", "rowwise")}
         for match in (self._gated, self._chain):  # gated first: its gate is also the start of a chain
             erased: set[fx.Node] = set()
             for node in list(self.graph.nodes):
@@ -311,9 +374,10 @@ class _Rewriter:
         widest = min(bounds, key=lambda d: d.itemsize, default=None)
         plan = _tp_plan_of(fn, args)
         styles = tuple(_tp_style(self.root.get_submodule(t)) for t in linears)
-        if any(styles) and styles != plan:  # hooks other than a plan this pattern runs as native does
+        tp_plan_mismatch = not self.see_through_hooks and any(styles) and styles != plan
+        if tp_plan_mismatch:  # a plan this pattern does not run as native does
             self.hooked.update(t for t, style in zip(linears, styles) if style)
-        if any(styles) and styles != plan or not _one_dtype(self.root, linears, widest):
+        if tp_plan_mismatch or not _one_dtype(self.root, linears, widest):
             # (Layers of several dtypes: a cast between them (T5 keeps wo in float32) may hide behind a
             # test that tracing cannot see.) The module's own forward runs them.
             for ref in [a for a in _leaves(args) if isinstance(a, fx.Node) and a.op == "get_attr"]:
@@ -333,15 +397,11 @@ class _Rewriter:
         return dead
 
     def _unhooked(self, node: fx.Node | None) -> bool:
-        """False for a child with hooks: fused away, its hooks would not run (it is recorded, for a warning)."""
+        """False for a child with hooks (other than a TP plan's): fused away, its hooks would not run."""
         if node is None or node.op != "call_module":
             return node is not None
         module = self.root.get_submodule(node.target)
-        if _has_hooks(module) and ("forward" in module.__dict__ or _tp_style(module) not in ("colwise", "rowwise")):
-            if _fusable_child(module):
-                self.hooked.add(node.target)
-            return False
-        return True
+        return self.see_through_hooks or not _has_hooks(module) or _tp_style(module) in ("colwise", "rowwise")
 
     def _linear(self, node: fx.Node | None) -> _Linear | None:
         return _linear_of(self.root, node) if self._unhooked(node) else None
@@ -576,8 +636,7 @@ class _Assumed:
             if buffers.get(name) is not buffer or buffer._version != version:
                 return False
         for _, child, cls, attributes in self.fused:
-            if (type(child) is not cls or (child._forward_hooks or child._forward_pre_hooks) and child not in self.planned
-                    or child._backward_hooks or child._backward_pre_hooks or "forward" in child.__dict__
+            if (type(child) is not cls or _has_hooks(child) and child not in self.planned
                     or not _same_attributes(child, attributes)):
                 return False
         for group, widest, plan in self.groups:
@@ -592,6 +651,14 @@ class _Assumed:
                 if linear.weight.dtype != dtype:
                     return False
         return True
+
+    def runs_locally(self) -> bool:
+        """Whether a TP plan's layers run on local tensors now (transformers' without grad): the
+        module's own forward serves that call."""
+        for linear in self.planned:
+            if "forward" in linear.__dict__ and _runs_locally(linear):
+                return True
+        return False
 
     def changes(self, module: nn.Module) -> str:
         """What no longer holds, for the warning."""
@@ -808,7 +875,8 @@ class FusedForward:
 
     def __call__(self, *args, **kwargs):
         current = self.current()
-        if current is None or not current.calls.serves(self.module, args, kwargs):
+        if (current is None or not current.calls.serves(self.module, args, kwargs)
+                or current.assumed.planned and current.assumed.runs_locally()):
             return type(self.module).forward(self.module, *args, **kwargs)
         return current.fn(self.module, *args, **kwargs)
 
@@ -865,11 +933,6 @@ def _make_scriptable(model: nn.Module) -> None:
         if (module._modules and not hasattr(type(module), "__prepare_scriptable__")
                 and not isinstance(module, torch.jit.ScriptModule)):
             module.__dict__["__prepare_scriptable__"] = functools.partial(_scriptable, module)
-
-
-def _fusable_child(module: nn.Module) -> bool:
-    return (isinstance(module, (nn.Linear, nn.Identity, nn.modules.dropout._DropoutNd))
-            or activation_of(module) is not None)
 
 
 def _fuse_module(module: nn.Module, name: str) -> None:

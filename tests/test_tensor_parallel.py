@@ -230,29 +230,39 @@ def _hf_train(rank, port, path, out_dir):
     import transformers
 
     torch.set_num_threads(1)
-    native = transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # transformers' plan replaces each Linear's forward: not fused
-        ours = bpext.convert(transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto"))
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5.x: tp_plan is to move into DistributedConfig
+        native, ours = (transformers.LlamaForCausalLM.from_pretrained(path, tp_plan="auto") for _ in range(2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="bpext")  # every MLP fuses under the plan
+        bpext.convert(ours)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-    losses = []
+    losses, collectives, ops = [], [], []
     for model in (native, ours):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for _ in range(STEPS):
-            loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad()
-            loss.backward()
+        for step in range(STEPS):
+            with _Ops() as seen:
+                loss = model(input_ids=ids, labels=ids).loss
+                opt.zero_grad()
+                loss.backward()
             opt.step()
             losses.append(loss.item())
+            if step == 0:
+                collectives.append(seen.collectives)
+                ops.append(sorted(seen.bpext))
+        with torch.no_grad():  # transformers' layers run on local tensors: the layers' own forwards
+            losses.append(model(input_ids=ids, labels=ids).loss.item())
     with open(os.path.join(out_dir, f"hf{rank}.json"), "w") as f:
-        json.dump({"native": losses[:STEPS], "bpext": losses[STEPS:], "fusions": bpext.fusions(ours)}, f)
+        json.dump({"native": losses[:STEPS + 1], "bpext": losses[STEPS + 1:], "fusions": bpext.fusions(ours),
+                   "collectives": collectives, "ops": ops[1]}, f)
     dist.barrier()
     dist.destroy_process_group()
 
 
 def test_a_transformers_llama_loaded_with_tp_plan_auto_trains_as_native(tmp_path):
-    """from_pretrained(tp_plan="auto") then convert: the same losses step by step (transformers' plan
-    replaces each Linear's forward with its own, so those layers run as they are, unfused)."""
+    """from_pretrained(tp_plan="auto") then convert: the MLPs fuse under transformers' plan (its layers'
+    own forwards), with the same losses step by step and the same collectives; without grad,
+    transformers' layers run on local tensors, and so do the converted ones (their own forwards)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     import transformers
@@ -266,3 +276,10 @@ def test_a_transformers_llama_loaded_with_tp_plan_auto_trains_as_native(tmp_path
     for rank in range(2):
         result = json.loads((tmp_path / f"hf{rank}.json").read_text())
         assert result["bpext"] == pytest.approx(result["native"], rel=1e-5)
+        assert result["fusions"] == {f"model.layers.{i}.mlp": ["gated_mlp(gate_proj, up_proj, silu, down_proj)"]
+                                     for i in range(2)}
+        assert "gated_mlp_forward" in result["ops"] and "gated_mlp_backward" in result["ops"]
+        # fewer collectives: one all-reduce of the input's gradient for gate and up together, not one each
+        native_comm, bpext_comm = result["collectives"]
+        assert set(bpext_comm) <= set(native_comm) and all(bpext_comm[k] <= native_comm[k] for k in bpext_comm)
+        assert bpext_comm["all_reduce"] == native_comm["all_reduce"] - 2

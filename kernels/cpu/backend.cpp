@@ -5,10 +5,16 @@
 
 namespace {
 
+// Designated, in declaration order: two entries of the same type swapped do not compile.
 const bpext::Backend kCpuBackend{
-    bpext::cpu::activation_forward, bpext::cpu::activation_backward, bpext::cpu::activation_double_backward,
-    bpext::cpu::bias_grad,          bpext::cpu::gated_forward,       bpext::cpu::gated_backward,
-    bpext::cpu::mlp_forward,        bpext::cpu::mlp_backward,
+    .activation_forward = bpext::cpu::activation_forward,
+    .activation_backward = bpext::cpu::activation_backward,
+    .activation_double_backward = bpext::cpu::activation_double_backward,
+    .bias_grad = bpext::cpu::bias_grad,
+    .gated_forward = bpext::cpu::gated_forward,
+    .gated_backward = bpext::cpu::gated_backward,
+    .mlp_forward = bpext::cpu::mlp_forward,
+    .mlp_backward = bpext::cpu::mlp_backward,
 };
 
 }  // namespace

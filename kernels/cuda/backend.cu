@@ -132,10 +132,17 @@ void gated_backward(const ActivationArg& act, const at::Tensor& grad_y, const at
   });
 }
 
-// CUDA runs MLPs layer by layer (no whole-network kernel yet).
+// Designated, in declaration order: two entries of the same type swapped do not compile. CUDA runs
+// MLPs layer by layer (no whole-network kernel yet).
 const Backend kCudaBackend{
-    activation_forward, activation_backward, activation_double_backward, bias_grad,
-    gated_forward,      gated_backward,      nullptr,                    nullptr,
+    .activation_forward = activation_forward,
+    .activation_backward = activation_backward,
+    .activation_double_backward = activation_double_backward,
+    .bias_grad = bias_grad,
+    .gated_forward = gated_forward,
+    .gated_backward = gated_backward,
+    .mlp_forward = nullptr,
+    .mlp_backward = nullptr,
 };
 
 }  // namespace
