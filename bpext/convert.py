@@ -106,47 +106,70 @@ def _has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "forward" in module.__dict__)
 
 
-def _tp_style(module: nn.Module) -> str | None:
-    """"colwise" or "rowwise" where a tensor-parallel plan is all the module has beyond its class:
-    torch's ColwiseParallel (output sharded on its last dim, as a local tensor) or RowwiseParallel
-    (input sharded on its last dim) as hooks, or transformers' own (``tp_plan``) as its forward;
-    None where it has neither hooks nor a forward of its own, "other" else. A fused pattern runs
-    its first Linear's input transform and its last one's output transform itself, which is what
-    the layers do between them natively (_entering, _leaving)."""
+_OTHER = ("other", None, None)
+
+
+def _tp_style(module: nn.Module) -> tuple | None:
+    """(kind, mesh, input layouts) where a tensor-parallel plan is all the module has beyond its class,
+    kind "colwise" or "rowwise": torch's ColwiseParallel (output sharded on its last dim, as a local
+    tensor) or RowwiseParallel (input sharded on its last dim) as hooks, or transformers' own
+    (``tp_plan``) as its forward; None where it has neither hooks nor a forward of its own, kind
+    "other" else. A fused pattern runs its first Linear's input transform and its last one's output
+    transform itself, which is what the layers do between them natively (_entering, _leaving)."""
     forward = module.__dict__.get("forward")
     hooked = module._forward_pre_hooks or module._forward_hooks
     if forward is None and not hooked:
         return None
     if module._backward_hooks or module._backward_pre_hooks or (forward is not None and hooked):
-        return "other"
+        return _OTHER
     return _transformers_style(module, forward) if forward is not None else _torch_style(module)
 
 
-def _torch_style(module: nn.Module) -> str:
+def _tp_kind(module: nn.Module) -> str | None:
+    style = _tp_style(module)
+    return style[0] if style else None
+
+
+def _plan_matches(styles: tuple, plan: tuple | None) -> bool:
+    """Whether the Linears' TP styles are ``plan`` (or none at all): one mesh, one input layout for
+    the colwise ones (gate and up take the same input)."""
+    if not any(styles):
+        return True
+    if plan is None or tuple(s and s[0] for s in styles) != plan:
+        return False
+    return (all(s[1] == styles[0][1] for s in styles)
+            and len({s[2] for s in styles if s[0] == "colwise"}) == 1)
+
+
+def _torch_style(module: nn.Module) -> tuple:
     if (len(module._forward_pre_hooks) != 1 or len(module._forward_hooks) != 1
             or module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs):
-        return "other"
+        return _OTHER
     (pre,), (post,) = (map(_distributed_fn, hooks.values()) for hooks in (module._forward_pre_hooks, module._forward_hooks))
-    if pre is None or post is None:
-        return "other"
+    if pre is None or post is None or pre[1] is not post[1]:
+        return _OTHER
+    (pre, mesh), (post, _) = pre, post
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    input_layouts = pre.args[0]
     if pre.func is ColwiseParallel._prepare_input_fn and post.func is ColwiseParallel._prepare_output_fn:
         output_layouts, use_local_output = post.args
-        return "colwise" if output_layouts == (Shard(-1),) and use_local_output else "other"
+        return ("colwise", mesh, input_layouts) if output_layouts == (Shard(-1),) and use_local_output else _OTHER
     if pre.func is RowwiseParallel._prepare_input_fn and post.func is RowwiseParallel._prepare_output_fn:
-        input_layouts, _ = pre.args
-        return "rowwise" if input_layouts == (Shard(-1),) else "other"
-    return "other"
+        return ("rowwise", mesh, input_layouts) if input_layouts == (Shard(-1),) else _OTHER
+    return _OTHER
 
 
-def _distributed_fn(hook) -> functools.partial | None:
-    """The style's input or output function (with its layouts) a ``distribute_module`` hook calls, or None."""
+def _distributed_fn(hook) -> tuple | None:
+    """(the style's input or output function with its layouts, the mesh) a ``distribute_module``
+    hook calls, or None."""
     code = getattr(hook, "__code__", None)
     if code is None or not code.co_qualname.startswith("distribute_module.") or not hook.__closure__:
         return None
-    return next((c.cell_contents for c in hook.__closure__ if isinstance(c.cell_contents, functools.partial)), None)
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in hook.__closure__)))
+    fn = next((v for v in cells.values() if isinstance(v, functools.partial)), None)
+    return None if fn is None else (fn, cells.get("device_mesh"))
 
 
 _TRANSFORMERS_TP = "transformers.distributed.tensor_parallel"
@@ -166,18 +189,18 @@ def _transformers_layer(module: nn.Module, forward) -> tuple | None:
     return style, cells.get("mesh")
 
 
-def _transformers_style(module: nn.Module, forward) -> str:
+def _transformers_style(module: nn.Module, forward) -> tuple:
     layer = _transformers_layer(module, forward)
     if layer is None:
-        return "other"
-    style, _ = layer
+        return _OTHER
+    style, mesh = layer
     from torch.distributed.tensor import Shard
 
     if type(style).__name__ == "ColwiseParallel" and style.output_layouts == Shard(-1) and style.use_local_output:
-        return "colwise"
+        return "colwise", mesh, style.input_layouts
     if type(style).__name__ == "RowwiseParallel" and style.input_layouts == Shard(-1):
-        return "rowwise"
-    return "other"
+        return "rowwise", mesh, style.input_layouts
+    return _OTHER
 
 
 def _runs_locally(linear: nn.Module) -> bool:
@@ -359,7 +382,7 @@ class _Rewriter:
             seeing = _Rewriter(self.root, copy.deepcopy(self.graph), see_through_hooks=True)
             seeing.run()
             self.hooked = {t for t in seeing.fused if _has_hooks(self.root.get_submodule(t))
-                           and _tp_style(self.root.get_submodule(t)) not in ("colwise", "rowwise")}
+                           and _tp_kind(self.root.get_submodule(t)) not in ("colwise", "rowwise")}
         for match in (self._gated, self._chain):  # gated first: its gate is also the start of a chain
             erased: set[fx.Node] = set()
             for node in list(self.graph.nodes):
@@ -374,7 +397,7 @@ class _Rewriter:
         widest = min(bounds, key=lambda d: d.itemsize, default=None)
         plan = _tp_plan_of(fn, args)
         styles = tuple(_tp_style(self.root.get_submodule(t)) for t in linears)
-        tp_plan_mismatch = not self.see_through_hooks and any(styles) and styles != plan
+        tp_plan_mismatch = not self.see_through_hooks and not _plan_matches(styles, plan)
         if tp_plan_mismatch:  # a plan this pattern does not run as native does
             self.hooked.update(t for t, style in zip(linears, styles) if style)
         if tp_plan_mismatch or not _one_dtype(self.root, linears, widest):
@@ -401,7 +424,7 @@ class _Rewriter:
         if node is None or node.op != "call_module":
             return node is not None
         module = self.root.get_submodule(node.target)
-        return self.see_through_hooks or not _has_hooks(module) or _tp_style(module) in ("colwise", "rowwise")
+        return self.see_through_hooks or not _has_hooks(module) or _tp_kind(module) in ("colwise", "rowwise")
 
     def _linear(self, node: fx.Node | None) -> _Linear | None:
         return _linear_of(self.root, node) if self._unhooked(node) else None
@@ -644,8 +667,7 @@ class _Assumed:
             if widest is not None and dtype.itemsize > widest.itemsize:
                 return False
             if plan is not None:
-                styles = tuple(_tp_style(linear) for linear in group)
-                if any(styles) and styles != plan:
+                if not _plan_matches(tuple(_tp_style(linear) for linear in group), plan):
                     return False
             for linear in group:
                 if linear.weight.dtype != dtype:

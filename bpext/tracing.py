@@ -2,22 +2,30 @@
 stands for (``Calls``), checked by the rewrite on every call; any other call runs the module's own
 forward.
 
+A symbolic trace runs the forward's Python once, on Proxies: each branch it takes is fixed in the
+graph. The rewrite is kept only where every branch is the same on every call it serves:
+
 * fx cannot unpack a Proxy as ``*args`` or ``**kwargs`` (every transformers layer passes
   ``**kwargs`` on to its attention): they are traced empty, and the rewrite serves the calls that
   pass nothing to them.
-* An argument is a Proxy in the trace, and a Proxy ``is not None``: where the forward tests an
-  argument with ``is None`` or ``is not None`` (BART's decoder layer, for its encoder's states), the
-  rewrite serves the calls that pass it, not None. A forward that asks ``isinstance`` of an argument
-  is not traced (a Proxy is no tensor).
-* A forward wrapped by a decorator runs the decorator's code at each call, which a rewrite would
-  skip: only wrappers known to pass a call through are traced through (their function, unwrapped),
-  and only the calls they pass through are served.
+* Each condition the traced Python code tests (``if``, ``while``, ``x if c else y``, ``and``/``or``,
+  ``assert``, comprehension filters; the forward and every function it runs on Proxies or as a
+  method of the module) may read only constants, the module's own plain attributes (checked on
+  each call by convert) and its train flag, and ``argument is None`` / ``is not None`` of the
+  forward's own arguments (BART's decoder layer, for its encoder's states): a Proxy is not None,
+  so the rewrite serves the calls that pass them. Any other condition (a local, a global, a call:
+  ``isinstance``, ``torch.is_grad_enabled()``; a child's attribute), ``try`` and ``match``, or a
+  read of the grad or autocast mode anywhere, and the forward is not rewritten.
+* A forward wrapped by a decorator is traced through known wrappers only (their code is not
+  analysed: what they do is written below), and only the calls they pass through are served.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+import os
+import sys
 import textwrap
 from dataclasses import dataclass
 
@@ -31,17 +39,28 @@ _VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
 _MISSING = object()
 
 
-def _checkpointing(module: nn.Module) -> bool:
-    """transformers' GradientCheckpointingLayer: its wrapper checkpoints the forward when this holds."""
-    return bool(getattr(module, "gradient_checkpointing", False)) and module.training and torch.is_grad_enabled()
+def _checkpointing(wrapper):
+    """transformers' GradientCheckpointingLayer checkpoints the forward when this holds."""
+    def acts(module, args, kwargs) -> bool:
+        return bool(getattr(module, "gradient_checkpointing", False)) and module.training and torch.is_grad_enabled()
+    return acts
+
+
+def _deprecated_keyword(wrapper):
+    """transformers' deprecate_kwarg renames (warns of, or raises for) its old keyword where a call passes it."""
+    old_name = _closure(wrapper).get("old_name")
+    return lambda module, args, kwargs: old_name in kwargs
+
+
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
 
 
 # Wrappers a forward is traced through, by their code (functools.wraps gives a wrapper the wrapped
-# function's names): {(file, qualified name): when it does not pass a call through as it is (None:
-# never; the renaming of a deprecated keyword is a call the rewrite does not serve, as the keyword
-# is not the forward's)}.
+# function's names): {(file, qualified name): the predicate of a call (module, args, kwargs) where
+# it does something of its own, from the wrapper}.
 _TRANSPARENT_WRAPPERS = {
-    ("transformers/utils/deprecation.py", "deprecate_kwarg.<locals>.wrapper.<locals>.wrapped_func"): None,
+    ("transformers/utils/deprecation.py", "deprecate_kwarg.<locals>.wrapper.<locals>.wrapped_func"): _deprecated_keyword,
     ("transformers/modeling_layers.py", "GradientCheckpointingLayer.__init_subclass__.<locals>.forward_with_checkpointing"):
         _checkpointing,
 }
@@ -49,10 +68,14 @@ _TRANSPARENT_WRAPPERS = {
 
 def _wrapper_key(fn) -> tuple:
     code = getattr(fn, "__code__", None)
-    if code is None:
-        return (None, getattr(fn, "__qualname__", repr(fn)))
-    return ("/".join(code.co_filename.replace("\\", "/").split("/")[-2:]) if "transformers/" not in code.co_filename
-            else "transformers/" + code.co_filename.replace("\\", "/").split("transformers/", 1)[1], code.co_qualname)
+    return _code_key(code) if code is not None else (None, getattr(fn, "__qualname__", repr(fn)))
+
+
+def _code_key(code) -> tuple:
+    path = code.co_filename.replace("\\", "/")
+    if "/transformers/" in path:  # the package's own path, wherever it is installed (the last one)
+        return "transformers/" + path.rsplit("/transformers/", 1)[1], code.co_qualname
+    return "/".join(path.split("/")[-2:]), code.co_qualname
 
 
 @dataclass(frozen=True)
@@ -61,16 +84,23 @@ class Calls:
     ``positional`` positional arguments (after self) and only the keyword ``names`` (a forward with
     ``*args`` or ``**kwargs`` traced with them empty; None: any), passing each argument of
     ``given`` ((name, position, default)) not None, for which no wrapper of the forward does
-    something of its own (``unless``: predicates of the module)."""
+    something of its own (``unless``: predicates of (module, args, kwargs)), with the globals and
+    class attributes the traced code read as they were (``constants``)."""
 
     positional: int | None = None
     names: frozenset | None = None
     given: tuple = ()
     unless: tuple = ()
+    constants: tuple = ()  # (module name or class, name, value): globals and class attributes the trace read
 
     def serves(self, module: nn.Module, args: tuple, kwargs: dict) -> bool:
         if self.positional is not None and (len(args) > self.positional or not self.names.issuperset(kwargs)):
             return False
+        for holder, name, value in self.constants:
+            now = (getattr(sys.modules.get(holder), name, _MISSING) if isinstance(holder, str)
+                   else getattr(holder, name, _MISSING))
+            if type(now) is not type(value) or now != value:
+                return False
         for name, position, default in self.given:
             value = kwargs.get(name, _MISSING)
             if value is _MISSING:
@@ -78,7 +108,7 @@ class Calls:
             if value is None:
                 return False
         for wrapper_acts in self.unless:
-            if wrapper_acts(module):
+            if wrapper_acts(module, args, kwargs):
                 return False
         return True
 
@@ -110,28 +140,12 @@ def _unwrapped(fn) -> tuple:
     unless, unknown = [], []
     while hasattr(fn, "__wrapped__"):
         key = _wrapper_key(fn)
-        if key not in _TRANSPARENT_WRAPPERS:
+        if key in _TRANSPARENT_WRAPPERS:
+            unless.append(_TRANSPARENT_WRAPPERS[key](fn))
+        else:
             unknown.append(f"{key[0]}:{key[1]}")
-        elif _TRANSPARENT_WRAPPERS[key] is not None:
-            unless.append(_TRANSPARENT_WRAPPERS[key])
         fn = fn.__wrapped__
     return fn, tuple(unless), unknown
-
-
-def _tested_arguments(fn, names: set) -> tuple[set, set]:
-    """(the arguments fn tests with ``is``/``is not``, those it asks ``isinstance`` of), from its source."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return set(), set()
-    identity, types = set(), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
-            identity |= {n.id for n in (node.left, *node.comparators) if isinstance(n, ast.Name) and n.id in names}
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"
-              and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in names):
-            types.add(node.args[0].id)
-    return identity, types
 
 
 class ChildrenAsLeaves(fx.Tracer):
@@ -153,17 +167,149 @@ class ChildrenAsLeaves(fx.Tracer):
             self.refusal = f"its forward is wrapped by {', '.join(unknown)}, whose code a rewrite would skip"
         signature = list(inspect.signature(fn).parameters.values())[1:]  # after self
         named = [p for p in signature if p.kind not in _VARIADIC]
-        identity, types = _tested_arguments(fn, {p.name for p in named})
-        if types:
-            self.refusal = f"its forward asks isinstance of {', '.join(sorted(types))}, which a trace cannot answer"
-        positions = {p.name: i for i, p in enumerate(named) if p.kind is not _P.KEYWORD_ONLY}
-        given = tuple((p.name, positions.get(p.name), None if p.default is _P.empty else p.default)
-                      for p in named if p.name in identity)
         variadic = len(named) < len(signature)
+        self._forward, self._named, self._unless = fn, named, unless
         self._calls = Calls(sum(p.kind is not _P.KEYWORD_ONLY for p in named) if variadic else None,
                             frozenset(p.name for p in named if p.kind is not _P.POSITIONAL_ONLY) if variadic else None,
-                            given, unless)
+                            (), unless)
         return super().create_args_for_root(named_only(fn), is_module, concrete_args)
+
+    def trace(self, root, concrete_args=None):
+        executed = _Executed(root)
+        previous = sys.getprofile()
+        sys.setprofile(executed)
+        try:
+            graph = super().trace(root, concrete_args)
+        finally:
+            sys.setprofile(previous)
+        tested, constants, why = _conditions(executed.codes, root, self._forward.__code__,
+                                             {p.name for p in self._named})
+        self.refusal = self.refusal or why
+        positions = {p.name: i for i, p in enumerate(self._named) if p.kind is not _P.KEYWORD_ONLY}
+        given = tuple((p.name, positions.get(p.name), None if p.default is _P.empty else p.default)
+                      for p in self._named if p.name in tested)
+        self._calls = Calls(self._calls.positional, self._calls.names, given, self._unless, tuple(constants))
+        return graph
 
     def calls(self) -> Calls:
         return self._calls
+
+
+# ---- the conditions the traced code tested ------------------------------------------------------
+
+_NOT_ANALYSED = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch's and bpext's own code
+_MODE_READS = frozenset({"is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "get_autocast_dtype",
+                         "is_autocast_cpu_enabled", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype",
+                         "is_scripting", "is_tracing", "is_compiling", "is_torchdynamo_compiling"})
+
+
+class _Executed:
+    """A profiler recording the Python functions a trace runs that a branch of theirs could depend on
+    the call: the module's methods, and any function given a Proxy. {code: whether self is the module}."""
+
+    def __init__(self, root: nn.Module):
+        self.root, self.codes = root, {}
+
+    def __call__(self, frame, event, arg):
+        if event != "call":
+            return
+        code = frame.f_code
+        if code in self.codes or code.co_filename.startswith(_NOT_ANALYSED) or code.co_filename.startswith("<"):
+            return
+        if _code_key(code) in _TRANSPARENT_WRAPPERS:
+            return
+        local = frame.f_locals
+        is_method = local.get("self") is self.root
+        if is_method or any(isinstance(v, fx.Proxy) for v in local.values()):
+            self.codes[code] = (is_method, frame.f_globals.get("__name__"))
+
+
+def _conditions(codes: dict, root: nn.Module, forward, arguments: set) -> tuple[set, list, str | None]:
+    """(the forward's arguments its conditions test against None, the plain globals and class attributes
+    the code read (the trace took them as constants), why a condition is not certain)."""
+    tested: set = set()
+    constants: list = []
+    for code, (is_method, module_name) in codes.items():
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            return tested, constants, f"the source of {code.co_qualname}, which it runs, is not readable"
+        function = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                     ast.Lambda))), None)
+        if function is None:
+            return tested, constants, f"the source of {code.co_qualname} is not a function"
+        constants += _constants_read(function, module_name, root if is_method else None)
+        is_forward = (code.co_filename, code.co_firstlineno) == (forward.co_filename, forward.co_firstlineno)
+        own = arguments if is_forward else set()  # arguments tested against None: only the forward's
+        assigned = {n.id for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        checker = _Certain(root if is_method else None, own - assigned)
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Try, ast.Match, getattr(ast, "TryStar", ast.Try))):
+                return tested, constants, f"{code.co_qualname} has a try or match statement"
+            if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
+                    and getattr(node.func, "attr", getattr(node.func, "id", None)) in _MODE_READS):
+                return tested, constants, f"{code.co_qualname} reads the grad, autocast or tracing mode ({ast.unparse(node)})"
+            tests = []
+            if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+                tests.append(node.test)
+            elif isinstance(node, ast.BoolOp):
+                tests.extend(node.values)
+            elif isinstance(node, ast.comprehension):
+                tests.extend(node.ifs)
+            for test in tests:
+                if not checker.certain(test):
+                    return tested, constants, (f"{code.co_qualname} branches on {ast.unparse(test)}, which a trace "
+                                               "cannot answer")
+        tested |= checker.tested
+    return tested, constants, None
+
+
+def _constants_read(function: ast.AST, module_name: str | None, module: nn.Module | None) -> list:
+    """(module name or class, name, value) for each plain value a function reads from its module's
+    globals, or (a method of ``module``) from the module's class, which a trace bakes into the graph."""
+    local = {a.arg for a in ast.walk(function) if isinstance(a, ast.arg)}
+    local |= {n.id for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    namespace = vars(sys.modules[module_name]) if module_name in sys.modules else {}
+    out = []
+    for n in ast.walk(function):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in local:
+            value = namespace.get(n.id, _MISSING)
+            if type(value) in _Certain._PLAIN:
+                out.append((module_name, n.id, value))
+        elif (module is not None and isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+              and n.value.id == "self" and n.attr not in module.__dict__):
+            value = getattr(type(module), n.attr, _MISSING)
+            if type(value) in _Certain._PLAIN:
+                out.append((type(module), n.attr, value))
+    return out
+
+
+class _Certain:
+    """Whether a condition has the same value on every call the rewrite serves: constants, the
+    module's own plain attributes and train flag (``self.x``, where self is the module), and
+    ``argument is None`` / ``is not None`` of ``arguments`` (recorded in ``tested``)."""
+
+    _PLAIN = (bool, int, float, str, type(None))
+
+    def __init__(self, module: nn.Module | None, arguments: set):
+        self.module, self.arguments, self.tested = module, arguments, set()
+
+    def certain(self, e: ast.expr) -> bool:
+        if isinstance(e, ast.Constant):
+            return True
+        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "self":
+            if self.module is None:
+                return False
+            return e.attr == "training" or type(self.module.__dict__.get(e.attr, _MISSING)) in self._PLAIN
+        if isinstance(e, ast.Compare):
+            if (len(e.ops) == 1 and isinstance(e.ops[0], (ast.Is, ast.IsNot)) and isinstance(e.left, ast.Name)
+                    and e.left.id in self.arguments and isinstance(e.comparators[0], ast.Constant)
+                    and e.comparators[0].value is None):
+                self.tested.add(e.left.id)
+                return True
+            return all(self.certain(x) for x in (e.left, *e.comparators))
+        if isinstance(e, ast.BoolOp):
+            return all(self.certain(x) for x in e.values)
+        if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
+            return self.certain(e.operand)
+        return False

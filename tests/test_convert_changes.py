@@ -636,7 +636,7 @@ def test_a_rewrite_serves_only_the_calls_its_trace_stands_for(make, calls):
 def test_a_forward_under_an_unknown_wrapper_is_left_with_a_warning():
     with pytest.warns(UserWarning, match="wrapped by .*whose code a rewrite would skip"):
         bpext.convert(WrappedDefault())
-    with pytest.warns(UserWarning, match="asks isinstance of y"):
+    with pytest.warns(UserWarning, match=r"branches on isinstance\(y, torch.Tensor\)"):
         bpext.convert(AsksIsinstance())
 
 
@@ -704,3 +704,120 @@ def test_gradient_checkpointing_of_a_transformers_layer_runs_the_layers_wrapper(
     with Ops() as seen:
         ours.eval()(input_ids=ids)
     assert any("mlp_forward" in n for n in seen.names)  # no checkpointing: the rewrite
+
+
+SCALE = 1.0  # a module global a forward reads
+
+
+class _Branching(_TwoLayers):
+    """fc2(gelu(fc1(x))), then a branch or a constant that a trace cannot take as fixed."""
+
+    scale = 1.0  # a class attribute
+
+    def mlp(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class IsTrue(_Branching):
+    def forward(self, x, double=False):
+        h = self.mlp(x)
+        return h * 2 if double is True else h
+
+
+class AliasIsNone(_Branching):
+    def forward(self, x, scale=None):
+        s = scale
+        return self.mlp(x) * 2 if s is None else self.mlp(x)
+
+
+class IsTensor(_Branching):
+    def forward(self, x, mask=None):
+        h = self.mlp(x)
+        return h + mask if torch.is_tensor(mask) else h
+
+
+class HasAttr(_Branching):
+    def forward(self, x, scale=2.0):
+        h = self.mlp(x)
+        return h if hasattr(scale, "shape") else h * scale
+
+
+class GradMode(_Branching):
+    def forward(self, x):
+        h = self.mlp(x)
+        return h * 2 if torch.is_grad_enabled() else h
+
+
+class ChildFlag(_Branching):
+    def __init__(self):
+        super().__init__()
+        self.post = nn.Identity()
+        self.post.enabled = True
+
+    def forward(self, x):
+        h = self.mlp(x)
+        return h * 3 if self.post.enabled else h
+
+
+class ReadsAGlobal(_Branching):
+    def forward(self, x):
+        return self.mlp(x) * SCALE
+
+
+class ReadsAClassAttribute(_Branching):
+    def forward(self, x):
+        return self.mlp(x) * self.scale
+
+
+def _set_global(value):
+    global SCALE
+    SCALE = value
+
+
+BRANCHES = {  # model, calls ((args, kwargs)), a change after convert
+    "is True": (IsTrue, [((), {}), ((), {"double": True})], None),
+    "an alias tested against None": (AliasIsNone, [((), {}), ((3.0,), {})], None),
+    "torch.is_tensor": (IsTensor, [((), {}), ((torch.ones(4),), {})], None),
+    "hasattr": (HasAttr, [((), {})], None),
+    "the grad mode": (GradMode, [((), {})], None),
+    "a child's attribute": (ChildFlag, [((), {})], lambda m: setattr(m.post, "enabled", False)),
+    "a module global": (ReadsAGlobal, [((), {})], lambda m: _set_global(2.0)),
+    "a class attribute": (ReadsAClassAttribute, [((), {})], lambda m: setattr(type(m), "scale", 2.0)),
+}
+
+
+@pytest.mark.parametrize("make,calls,change", BRANCHES.values(), ids=BRANCHES.keys())
+def test_a_branch_or_constant_a_trace_cannot_fix_runs_as_native(make, calls, change):
+    native, ours = _pair(make)
+    x = torch.randn(3, 4)
+    try:
+        if change is not None:
+            change(native)
+            change(ours)
+        for args, kwargs in calls:
+            for grad in (True, False):
+                with torch.set_grad_enabled(grad):
+                    torch.testing.assert_close(ours(x, *args, **kwargs), native(x, *args, **kwargs))
+    finally:  # as they were, for the other tests
+        _set_global(1.0)
+        if "scale" in vars(ReadsAClassAttribute):
+            del ReadsAClassAttribute.scale
+
+
+def test_a_deprecated_keyword_runs_the_wrapper():
+    """transformers' deprecate_kwarg renames the old keyword (and raises where so asked): calls that pass
+    it run the wrapped forward, those that do not the rewrite."""
+    deprecation = pytest.importorskip("transformers.utils.deprecation")
+
+    class Renamed(_TwoLayers):
+        @deprecation.deprecate_kwarg("factor", version="99.0", new_name="scale")
+        def forward(self, x, scale=1.0):
+            return self.fc2(torch.relu(self.fc1(x))) * scale
+
+    native, ours = _pair(Renamed)
+    assert bpext.fusions(ours) == {"": ["mlp(fc1, fc2, relu, identity)"]}
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for kwargs in ({}, {"scale": 2.0}, {"factor": 3.0}):
+            torch.testing.assert_close(ours(x, **kwargs), native(x, **kwargs))
