@@ -145,7 +145,8 @@ def _torch_style(module: nn.Module) -> tuple:
     if (len(module._forward_pre_hooks) != 1 or len(module._forward_hooks) != 1
             or module._forward_pre_hooks_with_kwargs or module._forward_hooks_with_kwargs):
         return _OTHER
-    (pre,), (post,) = (map(_distributed_fn, hooks.values()) for hooks in (module._forward_pre_hooks, module._forward_hooks))
+    pre = _distributed_fn(next(iter(module._forward_pre_hooks.values())))
+    post = _distributed_fn(next(iter(module._forward_hooks.values())))
     if pre is None or post is None or pre[1] is not post[1]:
         return _OTHER
     (pre, mesh), (post, _) = pre, post
@@ -184,7 +185,8 @@ def _transformers_layer(module: nn.Module, forward) -> tuple | None:
     cells = dict(zip(code.co_freevars, (c.cell_contents for c in forward.__closure__)))
     style, inner = cells.get("self"), cells.get("original_forward")
     if (cells.get("module") is not module or type(style).__module__ != _TRANSFORMERS_TP
-            or getattr(inner, "__func__", None) is not nn.Linear.forward or getattr(inner, "__self__", None) is not module):
+            or getattr(inner, "__func__", None) is not nn.Linear.forward
+            or getattr(inner, "__self__", None) is not module):
         return None
     return style, cells.get("mesh")
 
@@ -666,12 +668,13 @@ class _Assumed:
             dtype = group[0].weight.dtype
             if widest is not None and dtype.itemsize > widest.itemsize:
                 return False
-            if plan is not None:
-                if not _plan_matches(tuple(_tp_style(linear) for linear in group), plan):
-                    return False
+            hooked = False
             for linear in group:
                 if linear.weight.dtype != dtype:
                     return False
+                hooked = hooked or bool(linear._forward_pre_hooks or linear._forward_hooks or "forward" in linear.__dict__)
+            if hooked and not _plan_matches(tuple(_tp_style(linear) for linear in group), plan):
+                return False  # (hooks on a Linear without a plan: the loop over self.fused has returned)
         return True
 
     def runs_locally(self) -> bool:

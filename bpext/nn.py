@@ -25,7 +25,6 @@ class Dense(nn.Linear):
     ``Dense(64, 64, activation="elu", alpha=0.5)``. Input: (*, in_features); output: (*, out_features).
     """
 
-
     def __init__(
         self,
         in_features: int,
@@ -310,8 +309,8 @@ def _make_torch_twin(torch_class: type[nn.Module]) -> type[nn.Module]:
     doc = f"``torch.nn.{torch_class.__name__}`` computed by bpext's kernels (same arguments)."
     return type(torch_class.__name__, (torch_class,), {
         "__init__": __init__, "forward": forward, "_bpext_resolved": _bpext_resolved,
-        "__prepare_scriptable__": __prepare_scriptable__, "__annotations__": dict(_SCRIPTED), "__doc__": doc, "__module__": __name__,
-        "_bpext_attributes": tuple(names)})
+        "__prepare_scriptable__": __prepare_scriptable__, "__annotations__": dict(_SCRIPTED), "__doc__": doc,
+        "__module__": __name__, "_bpext_attributes": tuple(names)})
 
 
 def _make_named(spec) -> type[nn.Module]:
