@@ -117,6 +117,8 @@ def _case(name, mesh):
 
     plans = _plans()
     torch.manual_seed(0)
+    if name in ("activation op", "loss op"):
+        return _op_case(name, mesh)
     if name == "gated_mlp op":  # colwise gate and up, rowwise down: one gated_mlp on the shards, one all-reduce
         x = torch.randn(4, 5, 8)
         weights = [torch.randn(32, 8) * 0.3, torch.randn(32, 8) * 0.3, torch.randn(8, 32) * 0.3]
@@ -156,6 +158,42 @@ def _case(name, mesh):
     return results
 
 
+def _op_case(name, mesh):
+    """An activation on a tensor sharded on its middle dim stays sharded there (no collective); the loss
+    on a vocabulary-sharded weight, which its rule takes replicated, is redistributed (all-gathered)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    torch.manual_seed(0)
+    if name == "activation op":
+        full = torch.randn(4, 6, 8)
+        fns = (torch.nn.functional.gelu, lambda t: bpext.functional.activation(t, "gelu"))
+        placements = [Shard(1)]
+    else:
+        full, target = torch.randn(32, 8) * 0.3, torch.randint(0, 32, (6,))
+        h = torch.randn(6, 8)
+        fns = (lambda w: torch.nn.functional.cross_entropy(h @ w.full_tensor().t(), target),
+               lambda w: bpext.functional.linear_cross_entropy(_replicated(h, mesh), w, _replicated(
+                   target, mesh)).full_tensor())
+        placements = [Shard(0)]
+    results = []
+    for fn in fns:
+        t = distribute_tensor(full.clone(), mesh, placements).requires_grad_()
+        with _Ops() as ops:
+            y = fn(t)
+            (y.full_tensor() if hasattr(y, "full_tensor") else y).square().sum().backward()
+        if name == "activation op":
+            assert y.placements == tuple(placements), y.placements
+        out = y.full_tensor() if hasattr(y, "full_tensor") else y
+        results.append(([out.detach()], [t.grad.full_tensor()], [], (ops.collectives, sorted(ops.bpext))))
+    return results
+
+
+def _replicated(t, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(t, mesh, [Replicate()])
+
+
 def _native_gated_mlp(x, wg, wu, wd, bg, bu, bd):
     return nn.functional.linear(nn.functional.silu(nn.functional.linear(x, wg, bg)) * nn.functional.linear(x, wu, bu),
                                 wd, bd)
@@ -168,7 +206,9 @@ CASES = {"ffn": ["dense_backward", "dense_forward"],
          "llama mlp": ["gated_mlp_backward", "gated_mlp_forward"],
          "llama mlp converted first": ["gated_mlp_backward", "gated_mlp_forward"],
          "bert ffn": ["dense_backward", "dense_forward"],
-         "gated_mlp op": ["gated_mlp_backward", "gated_mlp_forward"]}
+         "gated_mlp op": ["gated_mlp_backward", "gated_mlp_forward"],
+         "activation op": ["activation_backward", "activation_forward"],
+         "loss op": ["linear_cross_entropy_forward"]}
 
 
 def _run(rank, world, port, out_dir, cases):
@@ -217,8 +257,9 @@ def test_a_plan_gives_natives_results_and_communication(reports, case):
         result = report[case]
         assert "error" not in result, f"rank {rank}:\n{result.get('error')}"
         assert result["diff"] < 1e-5, (rank, result["diff"])
-        # no more collectives than native's layers run (the same ones), bpext's fused ops on the shards
-        assert result["bpext_comm"] == result["native_comm"], (rank, result)
+        # no more collectives than native's layers run, bpext's fused ops on the shards
+        native_comm, bpext_comm = result["native_comm"], result["bpext_comm"]
+        assert all(bpext_comm[k] <= native_comm.get(k, 0) for k in bpext_comm), (rank, result)
         assert result["ops"] == CASES[case], (rank, result["ops"])
 
 
