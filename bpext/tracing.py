@@ -166,12 +166,9 @@ class ChildrenAsLeaves(fx.Tracer):
         if unknown:
             self.refusal = f"its forward is wrapped by {', '.join(unknown)}, whose code a rewrite would skip"
         signature = list(inspect.signature(fn).parameters.values())[1:]  # after self
-        named = [p for p in signature if p.kind not in _VARIADIC]
-        variadic = len(named) < len(signature)
-        self._forward, self._named, self._unless = fn, named, unless
-        self._calls = Calls(sum(p.kind is not _P.KEYWORD_ONLY for p in named) if variadic else None,
-                            frozenset(p.name for p in named if p.kind is not _P.POSITIONAL_ONLY) if variadic else None,
-                            (), unless)
+        self._forward, self._unless = fn, unless
+        self._named = [p for p in signature if p.kind not in _VARIADIC]
+        self._variadic = len(self._named) < len(signature)
         return super().create_args_for_root(named_only(fn), is_module, concrete_args)
 
     def trace(self, root, concrete_args=None):
@@ -185,10 +182,13 @@ class ChildrenAsLeaves(fx.Tracer):
         tested, constants, why = _conditions(executed.codes, root, self._forward.__code__,
                                              {p.name for p in self._named})
         self.refusal = self.refusal or why
-        positions = {p.name: i for i, p in enumerate(self._named) if p.kind is not _P.KEYWORD_ONLY}
+        named = self._named
+        positions = {p.name: i for i, p in enumerate(named) if p.kind is not _P.KEYWORD_ONLY}
         given = tuple((p.name, positions.get(p.name), None if p.default is _P.empty else p.default)
-                      for p in self._named if p.name in tested)
-        self._calls = Calls(self._calls.positional, self._calls.names, given, self._unless, tuple(constants))
+                      for p in named if p.name in tested)
+        self._calls = Calls(len(positions) if self._variadic else None,
+                            frozenset(p.name for p in named if p.kind is not _P.POSITIONAL_ONLY) if self._variadic
+                            else None, given, self._unless, tuple(constants))
         return graph
 
     def calls(self) -> Calls:
@@ -204,8 +204,9 @@ _MODE_READS = frozenset({"is_grad_enabled", "is_inference_mode_enabled", "is_aut
 
 
 class _Executed:
-    """A profiler recording the Python functions a trace runs that a branch of theirs could depend on
-    the call: the module's methods, and any function given a Proxy. {code: whether self is the module}."""
+    """A profiler recording the Python functions a trace runs whose branches could depend on the call:
+    the module's methods, and any function given a Proxy. {code: (whether self is the module, the name
+    of the Python module whose globals it reads)}."""
 
     def __init__(self, root: nn.Module):
         self.root, self.codes = root, {}
