@@ -416,3 +416,52 @@ def test_untraceable_modules_fall_back_to_module_swaps():
     assert bpext.fusions(model) == {} and isinstance(model.fc, bpext.nn.Dense) and isinstance(model.act, bpext.nn.ReLU)
     x = torch.ones(2, 4)
     torch.testing.assert_close(model(x), torch.relu(torch.nn.functional.linear(x, model.fc.weight, model.fc.bias)))
+
+
+def _paths():
+    """(name, run(model, x) -> (output, gradients of the parameters)) for each way a user runs a model."""
+    from torch.func import functional_call, grad
+    from torch.utils.checkpoint import checkpoint
+
+    def eager(m, x):
+        y = m(x)
+        return y.detach(), torch.autograd.grad(y.square().sum(), list(m.parameters()))
+
+    def compiled(m, x):
+        torch._dynamo.reset()
+        return eager(torch.compile(m, fullgraph=True, backend="aot_eager"), x)
+
+    def exported(m, x):
+        return eager(torch.export.export(m, (x,)).module(), x)
+
+    def func(m, x):
+        params = dict(m.named_parameters())
+        g = grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+        return functional_call(m, params, (x,)).detach(), [g[k] for k in params]
+
+    def checkpointed(m, x):
+        y = checkpoint(m, x, use_reentrant=False)
+        return y.detach(), torch.autograd.grad(y.square().sum(), list(m.parameters()))
+
+    def inference(m, x):
+        with torch.inference_mode():
+            return m(x).clone(), []
+
+    return {"eager": eager, "compile": compiled, "export": exported, "torch.func": func,
+            "checkpoint": checkpointed, "inference_mode": inference}
+
+
+@pytest.mark.parametrize("path", _paths().values(), ids=_paths().keys())
+@pytest.mark.parametrize("name", ["timm_glu", "opt"])
+def test_new_patterns_on_every_path(name, path):
+    """One Linear's halves (timm GluMlp: gate and up are views of one weight) and a **kwargs layer
+    (OPT's decoder layer) give native's output and gradients through every path a user takes."""
+    native, ours, _, _ = converted(name)
+    if name == "opt":
+        native, ours = native.decoder.layers[0], ours.decoder.layers[0]
+    native.eval(), ours.eval()
+    x = torch.randn(2, 5, 16 if name == "timm_glu" else 32)
+    (y, grads), (ref_y, ref_grads) = path(ours, x), path(native, x)
+    torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
