@@ -42,7 +42,7 @@ from . import functional as F
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
 from .recognition import DROPOUTS, _leaves, activation_of_node, linear_of_module, widest_dtype
-from .tracing import Calls, ChildrenAsLeaves
+from .tracing import MISSING, PLAIN, Calls, ChildrenAsLeaves
 
 __all__ = ["convert", "fusions"]
 
@@ -334,10 +334,10 @@ def _fused_gated(x, gate, up, activation, params):
     if _unequal_halves(gate, up):
         return _halves_natively(x, gate, _act(activation, params))
     weight_gate, bias_gate, weight_up, bias_up = _gated_weights(gate, up)
-    if up is None:  # one Linear's halves (no TP plan's hooks: _tp_plan_of)
-        return F.gated(x, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params))
-    h = _entering(gate, x)
-    return _leaving(up, x, F.gated(h, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params)))
+    gate_linear = gate if up is not None else gate[0]  # (one Linear's halves have no TP plan: _tp_plan_of)
+    h = _entering(gate_linear, x)
+    y = F.gated(h, weight_gate, weight_up, bias_gate, bias_up, _act(activation, params))
+    return _leaving(up if up is not None else gate_linear, x, y)
 
 
 def _fused_gated_mlp(x, gate, up, down, down_transposed, activation, params):
@@ -574,7 +574,6 @@ def _one_dtype(root: nn.Module, linears, widest: torch.dtype | None) -> bool:
 
 # ---- what a rewrite assumed, checked on every call -------------------------------------------
 
-_PLAIN = (bool, int, float, complex, str, bytes, type(None))
 _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, h) for h in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
@@ -596,9 +595,9 @@ def _attributes(module: nn.Module) -> tuple:
 def _same_attributes(module: nn.Module, expected: tuple) -> bool:
     d = module.__dict__
     for k, v, items in expected:
-        now = d.get(k, _MISSING)
+        now = d.get(k, MISSING)
         if now is not v:
-            if not (type(v) in _PLAIN and type(now) is type(v) and now == v):
+            if not (type(v) in PLAIN and type(now) is type(v) and now == v):
                 return False
         elif items is not None and not _same_items(now, items):
             return False
@@ -610,13 +609,10 @@ def _same_items(now, before) -> bool:
     if len(now) != len(before):
         return False
     if isinstance(now, dict):
-        return all(now.get(k, _MISSING) is v for k, v in before.items())
+        return all(now.get(k, MISSING) is v for k, v in before.items())
     if isinstance(now, (set, frozenset)):
         return now == before
     return all(a is b for a, b in zip(now, before))
-
-
-_MISSING = object()
 
 
 @dataclass

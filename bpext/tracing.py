@@ -32,11 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-__all__ = ["Calls", "ChildrenAsLeaves"]
+__all__ = ["MISSING", "PLAIN", "Calls", "ChildrenAsLeaves"]
 
 _P = inspect.Parameter
 _VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
-_MISSING = object()
+MISSING = object()  # a name that is not there
+PLAIN = (bool, int, float, complex, str, bytes, type(None))  # values that compare by equality
 
 
 def _checkpointing(wrapper):
@@ -97,13 +98,13 @@ class Calls:
         if self.positional is not None and (len(args) > self.positional or not self.names.issuperset(kwargs)):
             return False
         for holder, name, value in self.constants:
-            now = (getattr(sys.modules.get(holder), name, _MISSING) if isinstance(holder, str)
-                   else getattr(holder, name, _MISSING))
+            now = (getattr(sys.modules.get(holder), name, MISSING) if isinstance(holder, str)
+                   else getattr(holder, name, MISSING))
             if type(now) is not type(value) or now != value:
                 return False
         for name, position, default in self.given:
-            value = kwargs.get(name, _MISSING)
-            if value is _MISSING:
+            value = kwargs.get(name, MISSING)
+            if value is MISSING:
                 value = args[position] if position is not None and position < len(args) else default
             if value is None:
                 return False
@@ -274,13 +275,13 @@ def _constants_read(function: ast.AST, module_name: str | None, module: nn.Modul
     out = []
     for n in ast.walk(function):
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in local:
-            value = namespace.get(n.id, _MISSING)
-            if type(value) in _Certain._PLAIN:
+            value = namespace.get(n.id, MISSING)
+            if type(value) in PLAIN:
                 out.append((module_name, n.id, value))
         elif (module is not None and isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
               and n.value.id == "self" and n.attr not in module.__dict__):
-            value = getattr(type(module), n.attr, _MISSING)
-            if type(value) in _Certain._PLAIN:
+            value = getattr(type(module), n.attr, MISSING)
+            if type(value) in PLAIN:
                 out.append((type(module), n.attr, value))
     return out
 
@@ -289,8 +290,6 @@ class _Certain:
     """Whether a condition has the same value on every call the rewrite serves: constants, the
     module's own plain attributes and train flag (``self.x``, where self is the module), and
     ``argument is None`` / ``is not None`` of ``arguments`` (recorded in ``tested``)."""
-
-    _PLAIN = (bool, int, float, str, type(None))
 
     def __init__(self, module: nn.Module | None, arguments: set):
         self.module, self.arguments, self.tested = module, arguments, set()
@@ -301,7 +300,7 @@ class _Certain:
         if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "self":
             if self.module is None:
                 return False
-            return e.attr == "training" or type(self.module.__dict__.get(e.attr, _MISSING)) in self._PLAIN
+            return e.attr == "training" or type(self.module.__dict__.get(e.attr, MISSING)) in PLAIN
         if isinstance(e, ast.Compare):
             if (len(e.ops) == 1 and isinstance(e.ops[0], (ast.Is, ast.IsNot)) and isinstance(e.left, ast.Name)
                     and e.left.id in self.arguments and isinstance(e.comparators[0], ast.Constant)
