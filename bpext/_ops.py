@@ -48,6 +48,12 @@ def _one_device(op: str, *tensors) -> None:
                                             f"{', '.join(sorted(str(d) for d in devices))}")
 
 
+def _check_bias(op: str, bias, features) -> None:
+    """A bias is (features) or none, as the real kernels check."""
+    torch._check(bias is None or tuple(bias.shape) == (features,),
+                 lambda: f"bpext.{op}: a bias must be 1-D of size out_features ({features}), got {list(bias.shape)}")
+
+
 def _rows_like(x: torch.Tensor, features: int) -> tuple[int, ...]:
     return (*x.shape[:-1], features)
 
@@ -77,6 +83,7 @@ def _(x, weight, bias, activation, params, return_preact):
     _one_device("dense_forward", x, weight, bias)
     torch._check(weight.dim() == 2 and x.shape[-1] == weight.shape[1],
                  lambda: "bpext.dense_forward: weight must be (out_features, in_features of the input)")
+    _check_bias("dense_forward", bias, weight.shape[0])
     shape = _rows_like(x, weight.shape[0])
     return x.new_empty(shape), x.new_empty(shape if return_preact else (0,))
 
@@ -93,26 +100,35 @@ def _(grad_y, x, weight, saved, activation, params, output_mask):
 @torch.library.register_fake("bpext::gated_forward")
 def _(x, weight_gate, bias_gate, weight_up, bias_up, activation, params, save):
     _one_device("gated_forward", x, weight_gate, bias_gate, weight_up, bias_up)
+    for bias in (bias_gate, bias_up):
+        _check_bias("gated_forward", bias, weight_gate.shape[0])
     shape = _rows_like(x, weight_gate.shape[0])
     return x.new_empty(shape), x.new_empty(shape if save else (0,)), x.new_empty(shape if save else (0,))
 
 
-def _gated_grads(x, weight_gate, mask):
-    hidden = weight_gate.shape[0]
-    return (x.new_empty(x.shape if mask[0] else (0,)),
-            x.new_empty(weight_gate.shape if mask[1] else (0,)), x.new_empty((hidden,) if mask[2] else (0,)),
-            x.new_empty(weight_gate.shape if mask[3] else (0,)), x.new_empty((hidden,) if mask[4] else (0,)))
+def _gated_grads_like(gate, x, weight_gate, mask):
+    """The gated backward ops' (grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up); the
+    input features are x's where a weight's gradient reads it, else the weights' (read for grad_x)."""
+    hidden = gate.shape[-1]
+    in_features = x.shape[-1] if mask[1] or mask[3] else weight_gate.shape[1] if mask[0] else 0
+    weight = (hidden, in_features)
+    return (gate.new_empty((*gate.shape[:-1], in_features) if mask[0] else (0,)),
+            gate.new_empty(weight if mask[1] else (0,)), gate.new_empty((hidden,) if mask[2] else (0,)),
+            gate.new_empty(weight if mask[3] else (0,)), gate.new_empty((hidden,) if mask[4] else (0,)))
 
 
 @torch.library.register_fake("bpext::gated_backward")
 def _(grad_y, x, weight_gate, weight_up, gate, up, activation, params, output_mask):
     _one_device("gated_backward", grad_y, x, weight_gate, weight_up, gate, up)
-    return _gated_grads(x, weight_gate, output_mask)
+    return _gated_grads_like(gate, x, weight_gate, output_mask)
 
 
 @torch.library.register_fake("bpext::gated_mlp_forward")
 def _(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, activation, params, save):
     _one_device("gated_mlp_forward", x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down)
+    for bias, features in ((bias_gate, weight_gate.shape[0]), (bias_up, weight_gate.shape[0]),
+                           (bias_down, weight_down.shape[0])):
+        _check_bias("gated_mlp_forward", bias, features)
     hidden = _rows_like(x, weight_gate.shape[0])
     return (x.new_empty(_rows_like(x, weight_down.shape[0])), x.new_empty(hidden if save else (0,)),
             x.new_empty(hidden if save else (0,)))
@@ -121,9 +137,10 @@ def _(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, act
 @torch.library.register_fake("bpext::gated_mlp_backward")
 def _(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params, output_mask):
     _one_device("gated_mlp_backward", grad_y, x, weight_gate, weight_up, weight_down, gate, up)
-    return (*_gated_grads(x, weight_gate, output_mask[:5]),
-            x.new_empty(weight_down.shape if output_mask[5] else (0,)),
-            x.new_empty((weight_down.shape[0],) if output_mask[6] else (0,)))
+    out_features = grad_y.shape[-1]
+    return (*_gated_grads_like(gate, x, weight_gate, output_mask[:5]),
+            gate.new_empty((out_features, gate.shape[-1]) if output_mask[5] else (0,)),
+            gate.new_empty((out_features,) if output_mask[6] else (0,)))
 
 
 def mlp_keeps_nothing(layer: int, layers: int, activation: str) -> bool:
@@ -167,6 +184,9 @@ def _(grad_loss, input, weight, bias, target, ignore_index, label_smoothing, sof
 def _(x, weights, biases, activation, params, output_activation, output_params, save):
     _one_device("mlp_forward", x, weights, biases)
     layers = len(weights)
+    torch._check(len(biases) == layers, lambda: f"bpext.mlp_forward: got {layers} weights but {len(biases)} biases")
+    for w, b in zip(weights, biases):  # an empty tensor: no bias
+        _check_bias("mlp_forward", None if b.numel() == 0 else b, w.shape[0])
     saved = []
     for layer, w in enumerate(weights):
         act = output_activation if layer == layers - 1 else activation

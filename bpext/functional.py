@@ -263,7 +263,10 @@ class ActivationSecondFunction(Function):
 
 def _linear_grads(dz, x, weight, needs):
     """(grad_x, grad_weight, grad_bias) of x @ weight.T + bias from dz = the gradient of its output,
-    as differentiable matrix products (double backward); None where ``needs`` says no."""
+    as differentiable matrix products (double backward); None where ``needs`` says no or dz is None.
+    x is read for grad_weight only, weight for grad_x only."""
+    if dz is None:
+        return None, None, None
     dz2 = _rows(dz)
     return ((dz2 @ weight).reshape(*dz.shape[:-1], weight.shape[1]) if needs[0] else None,
             dz2.t() @ _rows(x) if needs[1] else None,
@@ -276,6 +279,26 @@ def _linear_tangent(x, weight, x_t, weight_t, bias_t):
     if bias_t is None:
         return products
     return bias_t.expand(*x.shape[:-1], weight.shape[0]) if products is None else products + bias_t
+
+
+def _keep_differentiable(ctx, *kept) -> bool:
+    """Makes a layer's kept pre-activations differentiable outputs where they were kept, so that
+    double backward reaches the layer's inputs through them (backward then reads only what its
+    first-order gradients need, as native's products). Not under torch.compile, whose graphs
+    would send them zeros on every step (it has no double backward)."""
+    ctx.kept_differentiable = all(t.numel() > 0 for t in kept) and not torch.compiler.is_compiling()
+    if not ctx.kept_differentiable:
+        ctx.mark_non_differentiable(*kept)
+    ctx.set_materialize_grads(False)
+    return ctx.kept_differentiable
+
+
+def _dense_grads(grad_y, x, weight, saved, act: Act, mask, grad_preact=None):
+    """The dense layer's backward as differentiable pieces (dense_backward computes the same in one
+    op): from grad_y (or None) and a gradient sent into the pre-activation z itself (double backward)
+    -> (grad_x, grad_weight, grad_bias), None where mask says no. ``saved``: y, z or None, as act saves."""
+    dz = _sum([None if grad_y is None else _derivative(grad_y, saved, act), grad_preact])
+    return _linear_grads(dz, x, weight, mask)
 
 
 @_eager_twin
@@ -299,12 +322,7 @@ class DenseFunction(Function):
         y, preact = output
         ctx.act = act
         ctx.has_bias = bias is not None
-        ctx.set_materialize_grads(False)
-        # z carries gradients only for eager double backward; compiled graphs would
-        # otherwise send it zeros on every step.
-        ctx.preact_differentiable = preact.numel() > 0 and not torch.compiler.is_compiling()
-        if not ctx.preact_differentiable:
-            ctx.mark_non_differentiable(preact)
+        _keep_differentiable(ctx, preact)
         saved = _saved_of(act, preact, y)
         needs = ctx.needs_input_grad
         _save(ctx, (x if needs[1] else None, weight if needs[0] else None, None, saved), (x, weight, bias, saved))
@@ -314,13 +332,12 @@ class DenseFunction(Function):
         x, weight, _, saved = ctx.saved_tensors
         act, needs = ctx.act, ctx.needs_input_grad
         mask = [needs[0], needs[1], needs[2] and ctx.has_bias]
-        if not ctx.preact_differentiable:
+        if not ctx.kept_differentiable:
             grad_preact = None
         if grad_y is None and grad_preact is None:
             return None, None, None, None, None
         if grad_preact is not None or _needs_graph(grad_y, x, weight, saved):  # double backward: a graph of the gradients
-            dz = _sum([None if grad_y is None else _derivative(grad_y, saved, act), grad_preact])
-            return (*_linear_grads(dz, x, weight, mask), None, None)
+            return (*_dense_grads(grad_y, x, weight, saved, act, mask, grad_preact), None, None)
         if saved is None:  # identity: backward reads nothing saved
             saved = grad_y.new_empty(0)
         grads = _fused(ops.dense_backward, grad_y, x, weight, saved, act.name, act.params, mask)
@@ -335,12 +352,13 @@ class DenseFunction(Function):
             return None, None
         if act.saves == "input" and saved.numel() == 0 and preact_t.numel() > 0:
             saved = F.linear(x, weight, bias)  # z was not kept (no backward expected): recompute it
-        return _derivative(preact_t, saved, act), preact_t if ctx.preact_differentiable else None
+        return _derivative(preact_t, saved, act), preact_t if ctx.kept_differentiable else None
 
 
 # ---- layer stacks: MLP, gated layers --------------------------------------------------------------
-# Their backward ops recompute what they did not keep; double backward differentiates the same
-# layers rebuilt from F.linear and ActivationFunction, and jvp pushes tangents through them.
+# Their backward ops recompute what they did not keep; jvp pushes tangents through the layers rebuilt
+# from F.linear and ActivationFunction. Double backward differentiates the gated layers' backward
+# through their kept pre-activations, and the MLP's layers rebuilt.
 
 
 def _activation_tangent(z, z_t, act: Act):
@@ -388,17 +406,6 @@ def _stack_grads(grad_y, x, weights, biases, acts, needs):
         mask = (layer > 0 or needs[0], needs[1 + layer], needs[1 + n + layer] and biases[layer] is not None)
         g, grads[layer], grads[n + layer] = _linear_grads(dz, inputs[layer], weights[layer], mask)
     return [g, *grads]
-
-
-def _gated_grads(grad_h, x, weight_gate, bias_gate, weight_up, bias_up, act: Act, needs):
-    """The gradients of act(gate(x)) * up(x) as a graph of differentiable pieces (double backward):
-    (grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up)."""
-    gate, up = F.linear(x, weight_gate, bias_gate), F.linear(x, weight_up, bias_up)
-    y = _apply(ActivationFunction, gate, act)
-    grad_gate, grad_up = _derivative(grad_h * up, _saved_of(act, gate, y), act), grad_h * y
-    gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (needs[0], needs[1], needs[2]))
-    gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (needs[0], needs[3], needs[4]))
-    return _sum([gx_gate, gx_up]), gw_gate, gb_gate, gw_up, gb_up
 
 
 def _op_biases(biases, like) -> list[torch.Tensor]:
@@ -499,31 +506,50 @@ class MLPFunction(Function):
         return _mlp_jvp(ctx, x_t, tangents[len(tangents) - 2 * len(ctx.biases):])  # the tensors' tangents
 
 
-def _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act: Act):
-    return _apply(ActivationFunction, F.linear(x, weight_gate, bias_gate), act) * F.linear(x, weight_up, bias_up)
+def _gated_grads(grad_h, x, weight_gate, weight_up, gate, up, act: Act, mask, grad_gate=None, grad_up=None):
+    """The gated layer's backward as differentiable pieces (gated_backward computes the same in one
+    op): from the gradient of act(gate) * up (grad_h, or None) and gradients sent into gate and up
+    themselves (double backward) -> (grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up,
+    grad_bias_up), None where mask says no. x is read for the weights' gradients only, the weights
+    for grad_x only."""
+    if grad_h is not None:
+        y = _apply(ActivationFunction, gate, act)
+        grad_gate = _sum([_derivative(grad_h * up, _saved_of(act, gate, y), act), grad_gate])
+        grad_up = _sum([grad_h * y, grad_up])
+    gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (mask[0], mask[1], mask[2]))
+    gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (mask[0], mask[3], mask[4]))
+    return _sum([gx_gate, gx_up]), gw_gate, gb_gate, gw_up, gb_up
+
+
+def _gated_mlp_grads(grad_y, x, weight_gate, weight_up, weight_down, gate, up, act: Act, mask, grad_gate=None,
+                     grad_up=None):
+    """The gated MLP's backward as differentiable pieces (gated_mlp_backward in one op): the down
+    projection's gradients from act(gate) * up, recomputed, then the gated layer's; weight_down is
+    read only where the gated layer's gradients are asked for."""
+    grad_h = grad_wd = grad_bd = None
+    if grad_y is not None:
+        h = _apply(ActivationFunction, gate, act) * up if mask[5] else None
+        grad_h, grad_wd, grad_bd = _linear_grads(grad_y, h, weight_down, (any(mask[:5]), mask[5], mask[6]))
+    return (*_gated_grads(grad_h, x, weight_gate, weight_up, gate, up, act, mask[:5], grad_gate, grad_up),
+            grad_wd, grad_bd)
 
 
 def _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up, tangents, act: Act):
-    """act(gate) * up and its tangent; tangents of (weight_gate, bias_gate, weight_up, bias_up)."""
+    """act(gate) * up and the tangents of it, of gate and of up; tangents of (weight_gate, bias_gate, weight_up,
+    bias_up)."""
     wg_t, bg_t, wu_t, bu_t = tangents
     gate, up = F.linear(x, weight_gate, bias_gate), F.linear(x, weight_up, bias_up)
-    a, a_t = _activation_tangent(gate, _linear_tangent(x, weight_gate, x_t, wg_t, bg_t), act)
+    gate_t = _linear_tangent(x, weight_gate, x_t, wg_t, bg_t)
+    a, a_t = _activation_tangent(gate, gate_t, act)
     up_t = _linear_tangent(x, weight_up, x_t, wu_t, bu_t)
-    return a * up, _sum([None if a_t is None else a_t * up, None if up_t is None else a * up_t])
-
-
-def _gated_saved(ctx) -> list:
-    """A gated layer's saved tensors (x, weight_gate, bias_gate, weight_up, bias_up[, weight_down,
-    bias_down], gate, up), with the biases (saved only under torch.func) filled in."""
-    saved = list(ctx.saved_tensors)
-    for i, bias in zip((2, 4, 6), ctx.biases):
-        saved[i] = bias if saved[i] is None else saved[i]
-    return saved
+    return a * up, _sum([None if a_t is None else a_t * up, None if up_t is None else a * up_t]), gate_t, up_t
 
 
 @_eager_twin
 class GatedFunction(Function):
-    """y = act(x Wg^T + bg) * (x Wu^T + bu) in one op; keeps the two pre-activations (and x)."""
+    """(y, gate, up) = (act(gate) * up, x Wg^T + bg, x Wu^T + bu) in one op; gate and up are (0)
+    unless ``save``. Saves gate and up, x only where a weight needs a gradient, the weights only
+    where x does; never the biases (native keeps four tensors)."""
 
     generate_vmap_rule = True
 
@@ -535,40 +561,42 @@ class GatedFunction(Function):
     def setup_context(ctx, inputs, output):
         x, weight_gate, bias_gate, weight_up, bias_up, act, _ = inputs
         _, gate, up = output
-        ctx.mark_non_differentiable(gate, up)
-        ctx.set_materialize_grads(False)
-        ctx.act, ctx.biases = act, (bias_gate, bias_up)
-        _remember_unsaved(ctx, *ctx.biases)
-        _save(ctx, (x, weight_gate, None, weight_up, None, gate, up),
+        _keep_differentiable(ctx, gate, up)
+        ctx.act = act
+        needs = ctx.needs_input_grad
+        _save(ctx, (x if needs[1] or needs[3] else None, weight_gate if needs[0] else None, None,
+                    weight_up if needs[0] else None, None, gate, up),
               (x, weight_gate, bias_gate, weight_up, bias_up, gate, up))
 
     @staticmethod
-    def backward(ctx, grad_y, *_):
-        if grad_y is None:
+    def backward(ctx, grad_y, grad_gate, grad_up):
+        x, weight_gate, _, weight_up, _, gate, up = ctx.saved_tensors
+        act, mask = ctx.act, ctx.needs_input_grad[:5]
+        if not ctx.kept_differentiable:
+            grad_gate = grad_up = None
+        if grad_y is None and grad_gate is None and grad_up is None:
             return (None,) * 7
-        x, weight_gate, bias_gate, weight_up, bias_up, gate, up = _gated_saved(ctx)
-        act, needs = ctx.act, ctx.needs_input_grad
-        if _needs_graph(grad_y, x, weight_gate, bias_gate, weight_up, bias_up):
-            _check_unchanged(ctx)
-            needs = [n and t is not None for n, t in zip(needs, (x, weight_gate, bias_gate, weight_up, bias_up))]
-            return (*_gated_grads(grad_y, x, weight_gate, bias_gate, weight_up, bias_up, act, needs), None, None)
-        mask = [needs[0], needs[1], needs[2] and bias_gate is not None, needs[3], needs[4] and bias_up is not None]
-        grads = _fused(ops.gated_backward, grad_y, x, weight_gate, weight_up, gate, up, act.name, act.params, mask)
+        if grad_gate is not None or grad_up is not None or _needs_graph(grad_y, x, weight_gate, weight_up, gate, up):
+            grads = _gated_grads(grad_y, x, weight_gate, weight_up, gate, up, act, mask, grad_gate, grad_up)
+        else:
+            grads = _fused(ops.gated_backward, grad_y, x, weight_gate, weight_up, gate, up, act.name, act.params,
+                           list(mask))
         return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
     @staticmethod
-    def jvp(ctx, x_t, *tangents):
-        x, weight_gate, bias_gate, weight_up, bias_up, _, _ = _gated_saved(ctx)
-        weight_gate_t, bias_gate_t, weight_up_t, bias_up_t, *_ = tangents
-        _, y_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up,
-                                (weight_gate_t, bias_gate_t, weight_up_t, bias_up_t), ctx.act)
-        return y_t, None, None
+    def jvp(ctx, x_t, weight_gate_t, bias_gate_t, weight_up_t, bias_up_t, *_):
+        x, weight_gate, bias_gate, weight_up, bias_up, _, _ = ctx.saved_tensors
+        _, y_t, gate_t, up_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up,
+                                              (weight_gate_t, bias_gate_t, weight_up_t, bias_up_t), ctx.act)
+        return (y_t, *((gate_t, up_t) if ctx.kept_differentiable else (None, None)))
 
 
 @_eager_twin
 class GatedMLPFunction(Function):
-    """y = down(act(gate(x)) * up(x)) in one op each way: keeps the two pre-activations (and x),
-    and recomputes act(gate) * up for the down projection's weight gradient."""
+    """(y, gate, up) = (down(act(gate) * up), x Wg^T + bg, x Wu^T + bu) in one op each way; gate and
+    up are (0) unless ``save``. Saves gate and up (backward recomputes act(gate) * up), x only where
+    the gate's or up's weight needs a gradient, their weights only where x does, the down weight
+    only where anything before it does; never the biases."""
 
     generate_vmap_rule = True
 
@@ -581,41 +609,38 @@ class GatedMLPFunction(Function):
     def setup_context(ctx, inputs, output):
         x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, act, _ = inputs
         _, gate, up = output
-        ctx.mark_non_differentiable(gate, up)
-        ctx.set_materialize_grads(False)
-        ctx.act, ctx.biases = act, (bias_gate, bias_up, bias_down)
-        _remember_unsaved(ctx, *ctx.biases)
-        _save(ctx, (x, weight_gate, None, weight_up, None, weight_down, None, gate, up),
+        _keep_differentiable(ctx, gate, up)
+        ctx.act = act
+        needs = ctx.needs_input_grad
+        _save(ctx, (x if needs[1] or needs[3] else None, weight_gate if needs[0] else None, None,
+                    weight_up if needs[0] else None, None, weight_down if any(needs[:5]) else None, None, gate, up),
               (x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, gate, up))
 
     @staticmethod
-    def backward(ctx, grad_y, *_):
-        if grad_y is None:
+    def backward(ctx, grad_y, grad_gate, grad_up):
+        x, weight_gate, _, weight_up, _, weight_down, _, gate, up = ctx.saved_tensors
+        act, mask = ctx.act, ctx.needs_input_grad[:7]
+        if not ctx.kept_differentiable:
+            grad_gate = grad_up = None
+        if grad_y is None and grad_gate is None and grad_up is None:
             return (None,) * 9
-        tensors = _gated_saved(ctx)
-        x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, gate, up = tensors
-        act, needs = ctx.act, ctx.needs_input_grad
-        if _needs_graph(grad_y, *tensors[:7]):
-            _check_unchanged(ctx)
-            needs = [n and t is not None for n, t in zip(needs, tensors[:7])]
-            h = _gated_hidden(x, weight_gate, bias_gate, weight_up, bias_up, act)
-            grad_h, grad_wd, grad_bd = _linear_grads(grad_y, h, weight_down, (True, needs[5], needs[6]))
-            grads = _gated_grads(grad_h, x, weight_gate, bias_gate, weight_up, bias_up, act, needs)
-            return (*grads, grad_wd, grad_bd, None, None)
-        has_bias = [t is not None for t in ctx.biases]
-        mask = [needs[0], needs[1], needs[2] and has_bias[0], needs[3], needs[4] and has_bias[1], needs[5],
-                needs[6] and has_bias[2]]
-        grads = _fused(ops.gated_mlp_backward, grad_y, x, weight_gate, weight_up, weight_down, gate, up, act.name, act.params,
-                                       mask)
+        if grad_gate is not None or grad_up is not None or _needs_graph(grad_y, x, weight_gate, weight_up,
+                                                                          weight_down, gate, up):
+            grads = _gated_mlp_grads(grad_y, x, weight_gate, weight_up, weight_down, gate, up, act, mask, grad_gate,
+                                     grad_up)
+        else:
+            grads = _fused(ops.gated_mlp_backward, grad_y, x, weight_gate, weight_up, weight_down, gate, up, act.name,
+                           act.params, list(mask))
         return (*(g if m else None for g, m in zip(grads, mask)), None, None)
 
     @staticmethod
     def jvp(ctx, x_t, *tangents):
-        x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, _, _ = _gated_saved(ctx)
+        x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, _, _ = ctx.saved_tensors
         weight_gate_t, bias_gate_t, weight_up_t, bias_up_t, weight_down_t, bias_down_t, *_ = tangents
-        h, h_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up,
-                                (weight_gate_t, bias_gate_t, weight_up_t, bias_up_t), ctx.act)
-        return _linear_tangent(h, weight_down, h_t, weight_down_t, bias_down_t), None, None
+        h, h_t, gate_t, up_t = _gated_tangent(x, x_t, weight_gate, bias_gate, weight_up, bias_up,
+                                              (weight_gate_t, bias_gate_t, weight_up_t, bias_up_t), ctx.act)
+        y_t = _linear_tangent(h, weight_down, h_t, weight_down_t, bias_down_t)
+        return (y_t, *((gate_t, up_t) if ctx.kept_differentiable else (None, None)))
 
 
 # ---- the last dense layer with its loss ------------------------------------------------------------
@@ -724,25 +749,18 @@ def _mlp_op_backward(ctx, grad_y, _):
 
 def _dense_backward_definition(grad_y, x, weight, saved, activation, params, mask):
     act = resolve_by_values(activation, tuple(params))
-    dz = _derivative(grad_y, saved if act.saves != "nothing" else None, act)
-    return _placeholders(_linear_grads(dz, x, weight, mask), grad_y)
+    return _placeholders(_dense_grads(grad_y, x, weight, saved if act.saves != "nothing" else None, act, mask), grad_y)
 
 
 def _gated_backward_definition(grad_y, x, weight_gate, weight_up, gate, up, activation, params, mask):
     act = resolve_by_values(activation, tuple(params))
-    y = _apply(ActivationFunction, gate, act)
-    grad_gate, grad_up = _derivative(grad_y * up, _saved_of(act, gate, y), act), grad_y * y
-    gx_gate, gw_gate, gb_gate = _linear_grads(grad_gate, x, weight_gate, (mask[0], mask[1], mask[2]))
-    gx_up, gw_up, gb_up = _linear_grads(grad_up, x, weight_up, (mask[0], mask[3], mask[4]))
-    return _placeholders((_sum([gx_gate, gx_up]), gw_gate, gb_gate, gw_up, gb_up), grad_y)
+    return _placeholders(_gated_grads(grad_y, x, weight_gate, weight_up, gate, up, act, mask), grad_y)
 
 
 def _gated_mlp_backward_definition(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params,
                                    mask):
-    h = _apply(ActivationFunction, gate, resolve_by_values(activation, tuple(params))) * up
-    grad_h, grad_wd, grad_bd = _linear_grads(grad_y, h, weight_down, (True, mask[5], mask[6]))
-    return (*_gated_backward_definition(grad_h, x, weight_gate, weight_up, gate, up, activation, params, mask[:5]),
-            *_placeholders((grad_wd, grad_bd), grad_y))
+    act = resolve_by_values(activation, tuple(params))
+    return _placeholders(_gated_mlp_grads(grad_y, x, weight_gate, weight_up, weight_down, gate, up, act, mask), grad_y)
 
 
 def _mlp_backward_definition(grad_y, x, y, weights, biases, saved, activation, params, output_activation,

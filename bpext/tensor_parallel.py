@@ -102,10 +102,13 @@ def register() -> None:
     def gated_backward(grad_y, x, weight_gate, weight_up, gate, up, activation, params, output_mask):
         n = last(grad_y)
         rest = [None, None, None]
-        rules = [(of(output_mask, [R] * 5), [R] * 6 + rest)]
-        rules += [(of(output_mask, [Shard(d), P, P, P, P]), [Shard(d), Shard(d), R, R, Shard(d), Shard(d)] + rest)
+        rules = [(of(output_mask, [R] * 5), [R, given(x, R), given(weight_gate, R), given(weight_up, R), R, R] + rest)]
+        rules += [(of(output_mask, [Shard(d), P, P, P, P]),
+                   [Shard(d), given(x, Shard(d)), given(weight_gate, R), given(weight_up, R), Shard(d), Shard(d)] + rest)
                   for d in range(n)]
-        rules.append((of(output_mask, [P] + [Shard(0)] * 4), [Shard(n), R, Shard(0), Shard(0), Shard(n), Shard(n)] + rest))
+        rules.append((of(output_mask, [P] + [Shard(0)] * 4),
+                      [Shard(n), given(x, R), given(weight_gate, Shard(0)), given(weight_up, Shard(0)), Shard(n),
+                       Shard(n)] + rest))
         return rules
 
     def gated_mlp_forward(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, activation, params,
@@ -125,11 +128,12 @@ def register() -> None:
     def gated_mlp_backward(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params, output_mask):
         n = last(grad_y)
         rest = [None, None, None]
-        rules = [(of(output_mask, [R] * 7), [R] * 7 + rest)]
-        rules += [(of(output_mask, [Shard(d)] + [P] * 6), [Shard(d), Shard(d), R, R, R, Shard(d), Shard(d)] + rest)
-                  for d in range(n)]
+        weights = lambda g, u, d: [given(weight_gate, g), given(weight_up, u), given(weight_down, d)]  # noqa: E731
+        rules = [(of(output_mask, [R] * 7), [R, given(x, R), *weights(R, R, R), R, R] + rest)]
+        rules += [(of(output_mask, [Shard(d)] + [P] * 6),
+                   [Shard(d), given(x, Shard(d)), *weights(R, R, R), Shard(d), Shard(d)] + rest) for d in range(n)]
         rules.append((of(output_mask, [P] + [Shard(0)] * 4 + [Shard(1), R]),
-                      [R, R, Shard(0), Shard(0), Shard(1), Shard(n), Shard(n)] + rest))
+                      [R, given(x, R), *weights(Shard(0), Shard(0), Shard(1)), Shard(n), Shard(n)] + rest))
         return rules
 
     def loss_forward(input, weight, bias, target, *options):

@@ -232,14 +232,60 @@ void gated_forward_rows(const Backend& backend, const ActivationArg& act, const 
   if (h2.numel() > 0) backend.gated_forward(act, gate2, up2, h2);
 }
 
-// The gated layer's input gradients from grad_h: (N, H), with gate2, up2: (N, H), x2: (N, IN).
-// mask: x, weight_gate, bias_gate, weight_up, bias_up. grad_x is written into grad_x2 (N, IN).
+// What the gated layer's backward reads besides gate and up, each only where the mask (x,
+// weight_gate, bias_gate, weight_up, bias_up) asks: x2 (N, IN) for the weights' gradients, the
+// weights (H, IN) for grad_x; undefined otherwise.
+struct GatedGradInputs {
+  at::Tensor x2, weight_gate, weight_up;
+  int64_t in_features = -1;  // -1: neither x nor the weights are read
+};
+
+// gate, up: (*, H); x: (*, IN) where a weight's gradient is asked for; weight_gate, weight_up: (H, IN) where grad_x is
+GatedGradInputs check_gated_grad_inputs(const at::Tensor& gate, const at::Tensor& up, const std::optional<at::Tensor>& x,
+                                        const std::optional<at::Tensor>& weight_gate,
+                                        const std::optional<at::Tensor>& weight_up, std::array<bool, 5> mask,
+                                        const char* op) {
+  check_floating(gate, op, "gate");
+  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least 1 dimension (*, hidden), got a 0-D tensor");
+  check_like(gate, up, op, "gate", "up");
+  const int64_t hidden = gate.size(-1);
+  GatedGradInputs in;
+  if (mask[1] || mask[3]) {
+    TORCH_CHECK(x.has_value(), op, ": x is required to compute the weights' gradients");
+    check_same_dtype_device(gate, *x, op, "gate", "x");
+    TORCH_CHECK(x->dim() >= 1, op, ": x must have at least 1 dimension (*, in_features), got a 0-D tensor");
+    const auto shape = with_last_dim(x->sizes(), hidden);
+    TORCH_CHECK(gate.sizes() == at::IntArrayRef(shape), op, ": gate must have shape ", show(shape), " to match x ",
+                show(x->sizes()), ", got ", show(gate.sizes()));
+    in.x2 = as_rows(*x);
+    in.in_features = x->size(-1);
+  }
+  if (mask[0]) {
+    TORCH_CHECK(weight_gate.has_value() && weight_up.has_value(), op,
+                ": weight_gate and weight_up are required to compute grad_x");
+    for (const auto& [w, name] : {std::pair{&*weight_gate, "weight_gate"}, std::pair{&*weight_up, "weight_up"}}) {
+      TORCH_CHECK(w->dim() == 2 && w->size(0) == hidden && (in.in_features < 0 || w->size(1) == in.in_features), op,
+                  ": ", name, " must be 2-D of shape (", show(hidden), ", ",
+                  in.in_features < 0 ? std::string("in_features") : show(in.in_features), "), got shape ",
+                  show(w->sizes()));
+      check_same_dtype_device(gate, *w, op, "gate", name);
+      in.in_features = w->size(1);
+    }
+    in.weight_gate = *weight_gate;
+    in.weight_up = *weight_up;
+  }
+  return in;
+}
+
+// The gated layer's input gradients from grad_h, gate2, up2: (N, H) -> grad_x: (*, IN) (written into
+// grad_x2, its (N, IN) view), grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up, where
+// mask (x, weight_gate, bias_gate, weight_up, bias_up) asks; (0) otherwise.
 std::array<at::Tensor, 4> gated_backward_rows(const Backend& backend, const ActivationArg& act,
-                                              const at::Tensor& grad_h, const at::Tensor& x2, const Gated& p,
+                                              const at::Tensor& grad_h, const GatedGradInputs& in,
                                               const at::Tensor& gate2, const at::Tensor& up2,
                                               std::array<bool, 5> mask, at::Tensor grad_x2) {
   const auto opts = grad_h.options();
-  const int64_t hidden = p.weight_gate.size(0);
+  const int64_t hidden = gate2.size(1);
   at::Tensor grad_bias_gate = mask[2] ? at::empty({hidden}, opts) : empty0(grad_h);
   at::Tensor grad_bias_up = mask[4] ? at::empty({hidden}, opts) : empty0(grad_h);
   at::Tensor grad_weight_gate = empty0(grad_h), grad_weight_up = empty0(grad_h);
@@ -255,11 +301,11 @@ std::array<at::Tensor, 4> gated_backward_rows(const Backend& backend, const Acti
     grad_bias_up.zero_();
   }
   if (mask[0]) {
-    at::mm_out(grad_x2, grad_gate, p.weight_gate);
-    grad_x2.addmm_(grad_up, p.weight_up);
+    at::mm_out(grad_x2, grad_gate, in.weight_gate);
+    grad_x2.addmm_(grad_up, in.weight_up);
   }
-  if (mask[1]) grad_weight_gate = at::mm(grad_gate.t(), x2);
-  if (mask[3]) grad_weight_up = at::mm(grad_up.t(), x2);
+  if (mask[1]) grad_weight_gate = at::mm(grad_gate.t(), in.x2);
+  if (mask[3]) grad_weight_up = at::mm(grad_up.t(), in.x2);
   return {grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up};
 }
 
@@ -282,25 +328,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_forward(const at::Tensor& x
   return {y, gate, up};
 }
 
-// grad_y, gate, up: (*, H), x: (*, IN)
-//   -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up; each (0) unless asked for
+// grad_y, gate, up: (*, H), x: (*, IN) (read for the weights' gradients), weight_gate, weight_up: (H, IN)
+// (read for grad_x) -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up; each (0) unless asked for
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
-    const at::Tensor& gate, const at::Tensor& up, c10::string_view activation, at::ArrayRef<double> params,
-    std::array<bool, 5> output_mask) {
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight_gate,
+    const std::optional<at::Tensor>& weight_up, const at::Tensor& gate, const at::Tensor& up,
+    c10::string_view activation, at::ArrayRef<double> params, std::array<bool, 5> output_mask) {
   constexpr const char* op = "bpext.gated_backward";
-  const Gated p = check_gated_args(x, weight_gate, std::nullopt, weight_up, std::nullopt, op);
-  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
-  const auto shape = with_last_dim(x.sizes(), weight_gate.size(0));
-  check_same_dtype_device(x, grad_y, op, "input", "grad_y");
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(shape), op, ": grad_y must have shape ", show(shape), ", got ",
-              show(grad_y.sizes()));
-  check_like(grad_y, gate, op, "grad_y", "gate");
-  check_like(grad_y, up, op, "grad_y", "up");
-  const c10::OptionalDeviceGuard guard(x.device());
-  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : empty0(x);
-  auto [gw, gb, uw, ub] = gated_backward_rows(backend_for(x.device().type()), act, contiguous_rows(grad_y), as_rows(x),
-                                              p, contiguous_rows(gate), contiguous_rows(up), output_mask,
+  const GatedGradInputs in = check_gated_grad_inputs(gate, up, x, weight_gate, weight_up, output_mask, op);
+  const ActivationArg act = parse_activation(activation, params, gate.scalar_type(), op);
+  check_like(gate, grad_y, op, "gate", "grad_y");
+  const c10::OptionalDeviceGuard guard(gate.device());
+  at::Tensor grad_x = output_mask[0] ? at::empty(with_last_dim(gate.sizes(), in.in_features), gate.options())
+                                     : empty0(gate);
+  auto [gw, gb, uw, ub] = gated_backward_rows(backend_for(gate.device().type()), act, contiguous_rows(grad_y), in,
+                                              contiguous_rows(gate), contiguous_rows(up), output_mask,
                                               output_mask[0] ? rows_view(grad_x) : at::Tensor());
   return {grad_x, gw, gb, uw, ub};
 }
@@ -331,42 +373,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_mlp_forward(
   return {y, gate, up};
 }
 
-// grad_y: (*, OUT), gate, up: (*, H) -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up,
+// grad_y: (*, OUT), gate, up: (*, H), x, weight_gate, weight_up as gated_backward reads them, weight_down: (OUT, H)
+// (read unless only its own gradients are asked for) -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up,
 //   grad_bias_up, grad_weight_down, grad_bias_down; each (0) unless output_mask asks for it
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_mlp_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight_gate, const at::Tensor& weight_up,
-    const at::Tensor& weight_down, const at::Tensor& gate, const at::Tensor& up, c10::string_view activation,
-    at::ArrayRef<double> params, std::array<bool, 7> output_mask) {
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& x, const std::optional<at::Tensor>& weight_gate,
+    const std::optional<at::Tensor>& weight_up, const std::optional<at::Tensor>& weight_down, const at::Tensor& gate,
+    const at::Tensor& up, c10::string_view activation, at::ArrayRef<double> params, std::array<bool, 7> output_mask) {
   constexpr const char* op = "bpext.gated_mlp_backward";
-  const Gated p = check_gated_args(x, weight_gate, std::nullopt, weight_up, std::nullopt, op);
-  check_weight(x, weight_down, weight_gate.size(0), op, "weight_down");
-  const ActivationArg act = parse_activation(activation, params, x.scalar_type(), op);
-  check_same_dtype_device(x, grad_y, op, "input", "grad_y");
-  const auto out_shape = with_last_dim(x.sizes(), weight_down.size(0));
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(out_shape), op, ": grad_y must have shape ", show(out_shape),
-              ", got ", show(grad_y.sizes()));
-  const auto hidden_shape = with_last_dim(x.sizes(), weight_gate.size(0));
-  for (const auto& [t, name] : {std::pair{&gate, "gate"}, std::pair{&up, "up"}}) {
-    check_same_dtype_device(grad_y, *t, op, "grad_y", name);
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(hidden_shape), op, ": ", name, " must have shape ", show(hidden_shape),
-                ", got ", show(t->sizes()));
+  const std::array<bool, 5> mask{output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4]};
+  const GatedGradInputs in = check_gated_grad_inputs(gate, up, x, weight_gate, weight_up, mask, op);
+  const ActivationArg act = parse_activation(activation, params, gate.scalar_type(), op);
+  check_same_dtype_device(gate, grad_y, op, "gate", "grad_y");
+  TORCH_CHECK(grad_y.dim() == gate.dim() && grad_y.sizes().slice(0, grad_y.dim() - 1) == gate.sizes().slice(0, gate.dim() - 1),
+              op, ": grad_y must have shape (*, out_features) with gate's leading dims ", show(gate.sizes()), ", got ",
+              show(grad_y.sizes()));
+  const bool hidden_grad = mask[0] || mask[1] || mask[2] || mask[3] || mask[4];
+  if (hidden_grad) {
+    TORCH_CHECK(weight_down.has_value(), op, ": weight_down is required to compute the gated layer's gradients");
+    TORCH_CHECK(weight_down->dim() == 2 && weight_down->size(0) == grad_y.size(-1) &&
+                    weight_down->size(1) == gate.size(-1),
+                op, ": weight_down must be 2-D of shape (", show(grad_y.size(-1)), ", ", show(gate.size(-1)),
+                "), got shape ", show(weight_down->sizes()));
+    check_same_dtype_device(gate, *weight_down, op, "gate", "weight_down");
   }
-  const c10::OptionalDeviceGuard guard(x.device());
-  const Backend& backend = backend_for(x.device().type());
+  const c10::OptionalDeviceGuard guard(gate.device());
+  const Backend& backend = backend_for(gate.device().type());
   const at::Tensor g2 = contiguous_rows(grad_y), gate2 = contiguous_rows(gate), up2 = contiguous_rows(up);
-  const at::Tensor x2 = as_rows(x);
-  at::Tensor grad_bias_down = output_mask[6] ? at::empty({weight_down.size(0)}, x.options()) : empty0(x);
+  at::Tensor grad_bias_down = output_mask[6] ? at::empty({grad_y.size(-1)}, gate.options()) : empty0(gate);
   if (output_mask[6]) dense_dz(backend, ActivationArg{}, g2, at::Tensor(), grad_bias_down);
-  at::Tensor grad_weight_down = empty0(x);
+  at::Tensor grad_weight_down = empty0(gate);
   if (output_mask[5]) {
     at::Tensor h2 = at::empty_like(gate2);
     if (h2.numel() > 0) backend.gated_forward(act, gate2, up2, h2);
     grad_weight_down = at::mm(g2.t(), h2);
   }
-  const std::array<bool, 5> mask{output_mask[0], output_mask[1], output_mask[2], output_mask[3], output_mask[4]};
-  at::Tensor grad_x = output_mask[0] ? at::empty(x.sizes(), x.options()) : empty0(x);
-  const at::Tensor grad_h = at::mm(g2, weight_down);
-  auto [gw, gb, uw, ub] = gated_backward_rows(backend, act, grad_h, x2, p, gate2, up2, mask,
+  at::Tensor grad_x = output_mask[0] ? at::empty(with_last_dim(gate.sizes(), in.in_features), gate.options())
+                                     : empty0(gate);
+  const at::Tensor grad_h = hidden_grad ? at::mm(g2, *weight_down) : gate2;  // unread where nothing is asked of it
+  auto [gw, gb, uw, ub] = gated_backward_rows(backend, act, grad_h, in, gate2, up2, mask,
                                               output_mask[0] ? rows_view(grad_x) : at::Tensor());
   return {grad_x, gw, gb, uw, ub, grad_weight_down, grad_bias_down};
 }

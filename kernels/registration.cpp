@@ -45,9 +45,10 @@ void define_ops(torch::Library& m) {
   m.def(
       "gated_forward(Tensor x, Tensor weight_gate, Tensor? bias_gate, Tensor weight_up, Tensor? bias_up, "
       "str activation, float[] params, bool save) -> (Tensor, Tensor, Tensor)");
-  // grad_y, gate, up: (*, H) -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up
+  // grad_y, gate, up: (*, H); x read for the weights' gradients, the weights for grad_x (none where not asked for)
+  //   -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up
   m.def(
-      "gated_backward(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor gate, Tensor up, "
+      "gated_backward(Tensor grad_y, Tensor? x, Tensor? weight_gate, Tensor? weight_up, Tensor gate, Tensor up, "
       "str activation, float[] params, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The gated layer followed by its down projection weight_down: (OUT, H), bias_down: (OUT)
   //   -> y: (*, OUT), and the two pre-activations (*, H) or (0) unless save
@@ -57,7 +58,7 @@ void define_ops(torch::Library& m) {
       "-> (Tensor, Tensor, Tensor)");
   // -> grad_x, grad_weight_gate, grad_bias_gate, grad_weight_up, grad_bias_up, grad_weight_down, grad_bias_down
   m.def(
-      "gated_mlp_backward(Tensor grad_y, Tensor x, Tensor weight_gate, Tensor weight_up, Tensor weight_down, "
+      "gated_mlp_backward(Tensor grad_y, Tensor? x, Tensor? weight_gate, Tensor? weight_up, Tensor? weight_down, "
       "Tensor gate, Tensor up, str activation, float[] params, bool[7] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]), or (0) for a layer without bias (a

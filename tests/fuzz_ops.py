@@ -76,12 +76,13 @@ def sample(rng, op: str):
     if op == "gated_forward":
         return (x, wg, bg, wu, bu, act, params, rng.random() < 0.5)
     if op == "gated_backward":
-        return (gh, x, wg, wu, related(rng, rows, hidden, dtype), related(rng, rows, hidden, dtype), act, params, mask(5))
+        return (gh, maybe(x), maybe(wg), maybe(wu), related(rng, rows, hidden, dtype), related(rng, rows, hidden, dtype),
+                act, params, mask(5))
     if op == "gated_mlp_forward":
         return (x, wg, bg, wu, bu, wd, bd, act, params, rng.random() < 0.5)
     if op == "gated_mlp_backward":
-        return (gy, x, wg, wu, wd, related(rng, rows, hidden, dtype), related(rng, rows, hidden, dtype), act, params,
-                mask(7))
+        return (gy, maybe(x), maybe(wg), maybe(wu), maybe(wd), related(rng, rows, hidden, dtype),
+                related(rng, rows, hidden, dtype), act, params, mask(7))
     if op.startswith("linear_cross_entropy"):
         tokens = rng.randint(0, 4)
         target = (torch.tensor([rng.choice([-100, -1, 0, 1, 2, 3, 7]) for _ in range(tokens)], dtype=torch.int64)

@@ -192,6 +192,76 @@ def test_nested_transforms_still_compose_differentiable_pieces():
     torch.testing.assert_close(torch.func.vmap(grad(ours))(ws), torch.func.vmap(grad(native))(ws))
 
 
+# ---- what backward keeps -----------------------------------------------------------------------
+# The gated layers keep gate and up, x only where a weight needs a gradient and the weights only
+# where x does, as native's products; double backward reaches x and the weights through gate and up.
+
+GATED = {
+    "gated": (lambda x, wg, wu, wd, b: B.gated(x, wg, wu, b, b, "silu"),
+              lambda x, wg, wu, wd, b: F.silu(F.linear(x, wg, b)) * F.linear(x, wu, b)),
+    "gated_mlp": (lambda x, wg, wu, wd, b: B.gated_mlp(x, wg, wu, wd, b, b, None, "gelu"),
+                  lambda x, wg, wu, wd, b: F.linear(F.gelu(F.linear(x, wg, b)) * F.linear(x, wu, b), wd)),
+}
+
+
+def _gated_inputs(kind: str, needs: str):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
+    wg, wu, wd = (torch.randn(*shape, dtype=torch.float64, generator=g) for shape in ((6, 4), (6, 4), (3, 6)))
+    b = torch.randn(6, dtype=torch.float64, generator=g)
+    inputs = [x, wg, wu, wd, b]
+    wanted = {"x": [0], "weights": [1, 2, 3, 4], "both": [0, 1, 2, 3, 4]}[needs]
+    wanted = [i for i in wanted if kind == "gated_mlp" or i != 3]  # the gated layer has no down projection
+    for i in wanted:
+        inputs[i].requires_grad_()
+    return inputs, [inputs[i] for i in wanted]
+
+
+@pytest.mark.parametrize("needs", ["x", "weights"])
+@pytest.mark.parametrize("kind", GATED)
+def test_gated_layers_keep_only_what_their_gradients_read(kind, needs):
+    """Neither x nor the weights are kept where no gradient reads them, so an in-place edit after
+    forward that native tolerates (x edited when only x needs a gradient) gives native's gradients."""
+    edit = [0] if needs == "x" else [1, 2]  # what no gradient reads
+    inputs, _ = _gated_inputs(kind, needs)
+    copies = [t * 1 for t in inputs]  # the tensors forward sees
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
+        GATED[kind][0](*copies)
+    assert not {copies[i].data_ptr() for i in edit} & set(kept)
+    results = []
+    for fn in GATED[kind]:
+        inputs, wanted = _gated_inputs(kind, needs)
+        copies = [t * 1 for t in inputs]  # the tensors forward sees, edited after it
+        y = fn(*copies)
+        with torch.no_grad():
+            for i in edit:
+                copies[i].add_(1.0)
+        results.append(_grads(y.square().sum(), wanted))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("needs", ["x", "weights", "both"])
+@pytest.mark.parametrize("kind", GATED)
+def test_gated_double_backward_through_the_kept_pre_activations(kind, needs):
+    fn, native = GATED[kind]
+    inputs, wanted = _gated_inputs(kind, needs)
+    positions = [i for i, t in enumerate(inputs) if t.requires_grad]
+
+    def of(f):
+        return lambda *ts: f(*[ts[positions.index(i)] if i in positions else t for i, t in enumerate(inputs)])
+    assert torch.autograd.gradgradcheck(of(fn), wanted)
+    first = [torch.autograd.grad(f(*inputs).square().sum(), wanted, create_graph=True) for f in (fn, native)]
+    second = [torch.autograd.grad(sum(g.sum() for g in grads), wanted, allow_unused=True) for grads in first]
+    for ours, ref in zip(*second):
+        torch.testing.assert_close(ours, ref)
+    x = inputs[0].detach()
+    hessians = [torch.func.hessian(lambda x: f(x, *[t.detach() for t in inputs[1:]]).square().sum())(x)
+                for f in (fn, native)]
+    torch.testing.assert_close(*hessians)
+
+
 # ---- inference mode ---------------------------------------------------------------------------
 
 

@@ -43,8 +43,17 @@ def op_samples(device, requires_grad):
             samples += [
                 (OPS.gated_forward.default, (x, wg, bg, wu, None, act, params, True)),
                 (OPS.gated_backward.default, (gh, x, wg, wu, gate, up, act, params, [True, True, True, True, False])),
+                # what no asked-for gradient reads may be left out: x, or the weights
+                (OPS.gated_backward.default, (gh, None, wg, wu, gate, up, act, params, [True, False, True, False, True])),
+                (OPS.gated_backward.default, (gh, x, None, None, gate, up, act, params, [False, True, True, True, False])),
                 (OPS.gated_mlp_forward.default, (x, wg, None, wu, bg, wd, bd, act, params, True)),
                 (OPS.gated_mlp_backward.default, (gy, x, wg, wu, wd, gate, up, act, params, [True] * 7)),
+                (OPS.gated_mlp_backward.default, (gy, None, wg, wu, wd, gate, up, act, params,
+                                                  [True, False, True, False, True, True, True])),
+                (OPS.gated_mlp_backward.default, (gy, x, None, None, wd, gate, up, act, params,
+                                                  [False, True, False, True, False, True, False])),
+                (OPS.gated_mlp_backward.default, (gy, None, None, None, None, gate, up, act, params,
+                                                  [False] * 5 + [True, True])),
             ]
         x, ws, bs = rnd(3, 4), [rnd(5, 4), rnd(2, 5)], [rnd(5), rnd(0, grad=False)]
         for save in (True, False) if not requires_grad else (True,):  # save=False: forward only, by contract
