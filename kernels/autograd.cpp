@@ -163,10 +163,23 @@ struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
   }
 };
 
+// Forward-mode AD: a C++ Function has no jvp, so a tangent would be dropped without a word.
+// bpext.functional's layers carry tangents; these ops refuse them.
+void check_no_tangents(std::initializer_list<at::TensorList> lists, const char* op) {
+  for (const at::TensorList list : lists) {
+    for (const at::Tensor& t : list) {
+      TORCH_CHECK(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
+                  " has no forward-mode derivative (a dual tensor reached it): use the bpext.functional layer, "
+                  "which has one");
+    }
+  }
+}
+
 // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT) = act(x @ weight.T + bias)
 at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const OptionalTensor& bias,
                  c10::string_view activation, Params params) {
   const Saves saves = parse_activation(activation, params, x.scalar_type(), "bpext.dense").saves();
+  check_no_tangents({x, weight, bias.has_value() ? at::TensorList(*bias) : at::TensorList()}, "bpext.dense");
   const bool builds_graph = at::GradMode::is_enabled() &&
                             (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()));
   if (!builds_graph) {  // no graph to record: the forward op alone, without the pre-activation
@@ -291,6 +304,7 @@ at::Tensor mlp(const at::Tensor& x, at::TensorList weights, at::TensorList biase
                Params params, c10::string_view output_activation, Params output_params) {
   parse_activation(activation, params, x.scalar_type(), "bpext.mlp");
   parse_activation(output_activation, output_params, x.scalar_type(), "bpext.mlp");
+  check_no_tangents({x, weights, biases}, "bpext.mlp");
   bool requires_grad = x.requires_grad();
   for (const at::TensorList list : {weights, biases}) {
     for (const at::Tensor& t : list) requires_grad = requires_grad || t.requires_grad();

@@ -368,3 +368,23 @@ def test_gradient_at_nan_is_nan_whatever_the_length(name, params):
         nan = x.detach().isnan()
         assert ours[nan].isnan().all()
         torch.testing.assert_close(ours[~nan], native[~nan])
+
+
+# ---- the ops with their autograd in C++ under forward-mode AD -----------------------------------
+
+
+def test_the_cpp_autograd_ops_refuse_a_tangent_they_would_drop():
+    """bpext::dense and bpext::mlp (a C++ Function, no jvp) raise for dual tensors; the functional
+    layers carry the tangent."""
+    import torch.autograd.forward_ad as fwAD
+    x, w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, t)
+        with pytest.raises(RuntimeError, match="bpext.dense has no forward-mode derivative"):
+            torch.ops.bpext.dense(dual, w, b, "tanh", [])
+        with pytest.raises(RuntimeError, match="bpext.mlp has no forward-mode derivative"):
+            torch.ops.bpext.mlp(x, [fwAD.make_dual(w, torch.ones_like(w))], [b], "tanh", [], "identity", [])
+        tangent = fwAD.unpack_dual(B.dense(dual, w, b, "tanh")).tangent
+    _, expected = torch.func.jvp(lambda x: torch.tanh(F.linear(x, w, b)), (x,), (t,))
+    torch.testing.assert_close(tangent, expected)
