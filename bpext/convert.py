@@ -42,7 +42,7 @@ from . import functional as F
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
 from .recognition import DROPOUTS, _leaves, activation_of_node, linear_of_module, widest_dtype
-from .tracing import MISSING, PLAIN, Calls, ChildrenAsLeaves
+from .tracing import MISSING, PLAIN, Calls, ChildrenAsLeaves, Rest, has_variadic, windows
 
 __all__ = ["convert", "fusions"]
 
@@ -786,10 +786,13 @@ class _Rewrite:
     calls: Calls  # the calls it serves: what the trace assumed of them
     assumed: _Assumed | None = None
     fn: object = None
+    rest: Rest | None = None  # of a forward rewritten in part: the statements around the part, run as written
 
     def __post_init__(self):
         if self.fn is None:
             self.fn = _compile(self.src, self.scope)
+            if self.rest is not None:
+                self.fn = self.rest.around(self.fn)
 
     def holds(self, module: nn.Module) -> bool:
         return self.assumed is not None and self.assumed.holds(module)
@@ -799,57 +802,71 @@ class _Rewrite:
         """The scope as it pickles (modules by name), or None where something in it does not pickle."""
         scope = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v for k, v in self.scope.items()}
         try:
-            pickle.dumps(scope)
-        except Exception:  # something the generated code calls does not pickle
+            pickle.dumps((scope, self.rest))
+        except Exception:  # something the generated code calls (or a default of a split forward) does not pickle
             return None
         return scope
 
     def copy(self, memo: dict) -> "_Rewrite":
         """For a deep copy of the module (in ``memo``): what it assumed, of the copy's objects."""
         return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups,
-                        copy.deepcopy(self.calls, memo),
-                        copy.deepcopy(self.assumed, memo), self.fn)
+                        copy.deepcopy(self.calls, memo), copy.deepcopy(self.assumed, memo), self.fn, self.rest)
 
 
 def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None, set[str], str | None]:
     """(the train state, the rewrite of module's forward in it or None, the hooked children that
     stopped a fusion, why it was not rewritten where a reason is worth a warning), in train or eval
-    mode."""
+    mode. A forward that passes ``*args``/``**kwargs`` on (its rewrite would serve only the calls that
+    pass nothing to them) or cannot be rewritten whole is rewritten in part where it can
+    (tracing.windows)."""
     flags = {m: m.training for m in module.modules()}
     try:
         module.train(training)
         state = _train_state(module)
-        before = _state_of([module, *module.children()])
-        grad_modes: list = []
-        try:
-            with _TRACING, warnings.catch_warnings(), _mode_changes(grad_modes):
-                warnings.simplefilter("ignore")
-                tracer = ChildrenAsLeaves(module)
-                graph = tracer.trace(module)
-        except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
-            _changed_and_restore(before)
-            return state, None, set(), None
-        changed = _changed_and_restore(before)
-        if changed or grad_modes:
-            what = ("changes its grad, autocast or inference mode" if grad_modes else
-                    f"changes the state of {', '.join(sorted(set(changed)))}")
-            return state, None, set(), f"its forward {what}, which a trace does not record: it runs as it is"
-        rewriter = _Rewriter(module, graph)
-        found = rewriter.run()
+        whole = _traced_rewrite(module, None)
+        if whole[0] is not None and not has_variadic(module):
+            return state, *whole
+        for window in windows(module, lambda child: linear_of_module(child) is not None):
+            rewrite, hooked, _ = _traced_rewrite(module, window)
+            if rewrite is not None:  # a run of the forward's statements, serving every call
+                return state, rewrite, hooked | whole[1], None
+        return state, *whole
     finally:
         for m, flag in flags.items():
             m.training = flag
+
+
+def _traced_rewrite(module: nn.Module, window: tuple | None) -> tuple[_Rewrite | None, set[str], str | None]:
+    """The rewrite of module's forward, or of a run of its statements (``window``: tracing.windows)."""
+    traced, rest = window or (None, None)
+    before = _state_of([module, *module.children()])
+    grad_modes: list = []
+    try:
+        with _TRACING, warnings.catch_warnings(), _mode_changes(grad_modes):
+            warnings.simplefilter("ignore")
+            tracer = ChildrenAsLeaves(module, traced)
+            graph = tracer.trace(module)
+    except Exception:  # a forward fx cannot trace (data-dependent control flow, ...): left as it is
+        _changed_and_restore(before)
+        return None, set(), None
+    changed = _changed_and_restore(before)
+    if changed or grad_modes:
+        what = ("changes its grad, autocast or inference mode" if grad_modes else
+                f"changes the state of {', '.join(sorted(set(changed)))}")
+        return None, set(), f"its forward {what}, which a trace does not record: it runs as it is"
+    rewriter = _Rewriter(module, graph)
+    found = rewriter.run()
     if not found:
-        return state, None, rewriter.hooked, None
+        return None, rewriter.hooked, None
     if tracer.refusal:
-        return state, None, rewriter.hooked, tracer.refusal
+        return None, rewriter.hooked, tracer.refusal
     code = graph.python_code(root_module="self")
     try:
         rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups),
-                           tracer.calls())
+                           tracer.calls(), rest=rest)
     except SyntaxError:  # a signature fx does not write back (a required keyword after a default)
-        return state, None, rewriter.hooked, None
-    return state, rewrite, rewriter.hooked, None
+        return None, rewriter.hooked, None
+    return rewrite, rewriter.hooked, None
 
 
 class FusedForward:
@@ -903,8 +920,8 @@ class FusedForward:
 
     def __reduce__(self):
         # Only rewrites that hold now, and whose generated code pickles, travel along.
-        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.calls, r.assumed) for state, r in self.rewrites.items()
-                if r.holds(self.module) and (scope := r.portable_scope()) is not None}
+        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.calls, r.assumed, None, r.rest)
+                for state, r in self.rewrites.items() if r.holds(self.module) and (scope := r.portable_scope()) is not None}
         return (_restore, (self.module, kept))
 
     def __deepcopy__(self, memo):

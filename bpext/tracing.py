@@ -18,21 +18,28 @@ graph. The rewrite is kept only where every branch is the same on every call it 
   read of the grad or autocast mode anywhere, and the forward is not rewritten.
 * A forward wrapped by a decorator is traced through known wrappers only (their code is not
   analysed: what they do is written below), and only the calls they pass through are served.
+* A forward that passes ``*args``/``**kwargs`` on, or whose own statements test what a trace cannot
+  answer (BART's and Whisper's encoder layers test the dtype of their output), is traced in part
+  (``windows``): a run of its top-level statements that reads neither is traced and rewritten, and
+  the statements around it run as written, on every call.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import inspect
+import linecache
 import os
 import sys
 import textwrap
+import types
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-__all__ = ["MISSING", "PLAIN", "Calls", "ChildrenAsLeaves"]
+__all__ = ["MISSING", "PLAIN", "Calls", "ChildrenAsLeaves", "Rest", "has_variadic", "windows"]
 
 _P = inspect.Parameter
 _VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
@@ -40,17 +47,27 @@ MISSING = object()  # a name that is not there
 PLAIN = (bool, int, float, complex, str, bytes, type(None))  # values that compare by equality
 
 
-def _checkpointing(wrapper):
+def _checkpoints(module, args, kwargs) -> bool:
     """transformers' GradientCheckpointingLayer checkpoints the forward when this holds."""
-    def acts(module, args, kwargs) -> bool:
-        return bool(getattr(module, "gradient_checkpointing", False)) and module.training and torch.is_grad_enabled()
-    return acts
+    return bool(getattr(module, "gradient_checkpointing", False)) and module.training and torch.is_grad_enabled()
+
+
+@dataclass(frozen=True)
+class _Passes:
+    """Whether a call passes the keyword ``name`` (a predicate that pickles with the rewrite)."""
+    name: str
+
+    def __call__(self, module, args, kwargs) -> bool:
+        return self.name in kwargs
+
+
+def _checkpointing(wrapper):
+    return _checkpoints
 
 
 def _deprecated_keyword(wrapper):
     """transformers' deprecate_kwarg renames (warns of, or raises for) its old keyword where a call passes it."""
-    old_name = _closure(wrapper).get("old_name")
-    return lambda module, args, kwargs: old_name in kwargs
+    return _Passes(_closure(wrapper).get("old_name"))
 
 
 def _closure(fn) -> dict:
@@ -153,9 +170,10 @@ class ChildrenAsLeaves(fx.Tracer):
     """Traces a module's own forward (through its wrappers), calling its children as leaves.
     Afterwards ``calls()``: the calls the trace stands for; ``refusal``: why it stands for none."""
 
-    def __init__(self, root: nn.Module):
+    def __init__(self, root: nn.Module, window=None):
         super().__init__()
         self.root_module = root
+        self.window = window  # a run of the forward's statements to trace in its place (``windows``)
         self._calls = Calls()
         self.refusal: str | None = None  # why a rewrite of this forward would not compute it
 
@@ -166,6 +184,7 @@ class ChildrenAsLeaves(fx.Tracer):
         fn, unless, unknown = _unwrapped(root_fn)
         if unknown:
             self.refusal = f"its forward is wrapped by {', '.join(unknown)}, whose code a rewrite would skip"
+        fn = self.window or fn
         signature = list(inspect.signature(fn).parameters.values())[1:]  # after self
         self._forward, self._unless = fn, unless
         self._named = [p for p in signature if p.kind not in _VARIADIC]
@@ -180,8 +199,8 @@ class ChildrenAsLeaves(fx.Tracer):
             graph = super().trace(root, concrete_args)
         finally:
             sys.setprofile(previous)
-        tested, constants, why = _conditions(executed.codes, root, self._forward.__code__,
-                                             {p.name for p in self._named})
+        arguments = {p.name for p in self._named} if self.window is None else set()  # a window takes locals
+        tested, constants, why = _conditions(executed.codes, root, self._forward.__code__, arguments)
         self.refusal = self.refusal or why
         named = self._named
         positions = {p.name: i for i, p in enumerate(named) if p.kind is not _P.KEYWORD_ONLY}
@@ -243,27 +262,37 @@ def _conditions(codes: dict, root: nn.Module, forward, arguments: set) -> tuple[
         constants += _constants_read(function, module_name, root if is_method else None)
         is_forward = (code.co_filename, code.co_firstlineno) == (forward.co_filename, forward.co_firstlineno)
         own = arguments if is_forward else set()  # arguments tested against None: only the forward's
-        assigned = {n.id for n in ast.walk(function) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        checker = _Certain(root if is_method else None, own - assigned)
-        for node in ast.walk(function):
-            if isinstance(node, (ast.Try, ast.Match, getattr(ast, "TryStar", ast.Try))):
-                return tested, constants, f"{code.co_qualname} has a try or match statement"
-            if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
-                    and getattr(node.func, "attr", getattr(node.func, "id", None)) in _MODE_READS):
-                return tested, constants, f"{code.co_qualname} reads the grad, autocast or tracing mode ({ast.unparse(node)})"
-            tests = []
-            if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
-                tests.append(node.test)
-            elif isinstance(node, ast.BoolOp):
-                tests.extend(node.values)
-            elif isinstance(node, ast.comprehension):
-                tests.extend(node.ifs)
-            for test in tests:
-                if not checker.certain(test):
-                    return tested, constants, (f"{code.co_qualname} branches on {ast.unparse(test)}, which a trace "
-                                               "cannot answer")
+        checker = _Certain(root if is_method else None, own - _assigned(function))
+        why = _uncertain(function, checker, code.co_qualname)
+        if why:
+            return tested, constants, why
         tested |= checker.tested
     return tested, constants, None
+
+
+def _uncertain(tree: ast.AST, checker: "_Certain", qualname: str) -> str | None:
+    """Why the code in ``tree`` may take another branch on another call, or None."""
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Try, ast.Match, getattr(ast, "TryStar", ast.Try))):
+            return f"{qualname} has a try or match statement"
+        if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) in _MODE_READS):
+            return f"{qualname} reads the grad, autocast or tracing mode ({ast.unparse(node)})"
+        tests = []
+        if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
+            tests.append(node.test)
+        elif isinstance(node, ast.BoolOp):
+            tests.extend(node.values)
+        elif isinstance(node, ast.comprehension):
+            tests.extend(node.ifs)
+        for test in tests:
+            if not checker.certain(test):
+                return f"{qualname} branches on {ast.unparse(test)}, which a trace cannot answer"
+    return None
+
+
+def _assigned(tree: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
 def _constants_read(function: ast.AST, module_name: str | None, module: nn.Module | None) -> list:
@@ -313,3 +342,128 @@ class _Certain:
         if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
             return self.certain(e.operand)
         return False
+
+
+# ---- a forward traced in part ----------------------------------------------------------------
+
+# What the traced statements may not hold: they run as a function of their own (taking the locals they
+# read, returning those the rest reads), so nothing that leaves it, binds names elsewhere or closes over
+# its names.
+_NOT_IN_WINDOW = (ast.Return, ast.Yield, ast.YieldFrom, ast.Await, ast.Global, ast.Nonlocal, ast.Delete,
+                  ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.Import, ast.ImportFrom)
+
+
+@dataclass(frozen=True)
+class Rest:
+    """A forward with one run of its top-level statements rewritten, as ``source``:
+    ``_bpext_outer(window)`` returns the forward (its signature, without annotations), which runs the
+    statements before the run as written, calls ``window`` (the rewrite of the run) with the locals
+    the run reads, takes the ones it returns and runs the statements after it as written, in the
+    globals of the forward's module (read on each call)."""
+
+    source: str
+    module: str
+    defaults: tuple | None
+    kwdefaults: dict | None
+
+    def around(self, window):
+        code = compile(self.source, f"<bpext forward of {self.module}>", "exec")
+        outer = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+        forward = types.FunctionType(outer, vars(sys.modules[self.module]))(window)
+        forward.__defaults__, forward.__kwdefaults__ = self.defaults, self.kwdefaults
+        return forward
+
+
+def windows(module: nn.Module, wanted) -> list[tuple[object, Rest]]:
+    """The runs of top-level statements of module's forward that a trace can stand for on every call,
+    each as (a function of the locals it reads, returning the ones read after it; the rest of the
+    forward), in order; those that mention a child for which ``wanted(child)`` holds only. A statement
+    is in no run where it tests what a trace cannot answer, reads ``*args``/``**kwargs`` (which the
+    rest passes on as the call gave them: every transformers layer passes ``**kwargs`` to its
+    attention) or leaves or binds outside the run (return, del, a def, a lambda, an import)."""
+    fn, _, _ = _unwrapped(type(module).forward)
+    code = getattr(fn, "__code__", None)
+    name = getattr(fn, "__globals__", {}).get("__name__")
+    if code is None or code.co_freevars or sys.modules.get(name) is None or vars(sys.modules[name]) is not fn.__globals__:
+        return []  # a closure (zero-argument super() too), or globals that are not a module's
+    try:
+        function = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndentationError, IndexError):
+        return []
+    if not isinstance(function, ast.FunctionDef):
+        return []
+    parameters = list(inspect.signature(fn).parameters.values())
+    variadic = {p.name for p in parameters if p.kind in _VARIADIC}
+    checker = _Certain(module, set())
+    body = function.body
+
+    def traceable(statement) -> bool:
+        return not (any(isinstance(n, _NOT_IN_WINDOW) or isinstance(n, ast.Name) and n.id in variadic
+                        for n in ast.walk(statement)) or _uncertain(statement, checker, code.co_qualname))
+
+    children = {n for n, child in module.named_children() if wanted(child)}
+    out, start = [], None
+    for i, statement in enumerate([*body, None]):
+        if statement is not None and traceable(statement):
+            start = i if start is None else start
+            continue
+        if start is not None and any(isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                                     and n.value.id == parameters[0].name and n.attr in children
+                                     for s in body[start:i] for n in ast.walk(s)):
+            window = _window(fn, function, parameters, start, i)
+            if window is not None:
+                out.append(window)
+        start = None
+    return out
+
+
+def has_variadic(module: nn.Module) -> bool:
+    """Whether module's forward takes ``*args`` or ``**kwargs``."""
+    fn, _, _ = _unwrapped(type(module).forward)
+    return any(p.kind in _VARIADIC for p in inspect.signature(fn).parameters.values())
+
+
+def _names(statements) -> set[str]:
+    return {n.id for s in statements for n in ast.walk(s) if isinstance(n, ast.Name)}
+
+
+def _bound(statements) -> set[str]:
+    """The names the top-level assignments among ``statements`` bind, whatever branch the others take."""
+    out = set()
+    for s in statements:
+        targets = s.targets if isinstance(s, ast.Assign) else [s.target] if isinstance(s, ast.AnnAssign) and s.value else []
+        out |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return out
+
+
+def _window(fn, function: ast.FunctionDef, parameters, start: int, stop: int) -> tuple[object, Rest] | None:
+    before, run, after = function.body[:start], function.body[start:stop], function.body[stop:]
+    if any(isinstance(n, (ast.Delete, ast.Global, ast.Nonlocal)) for s in before for n in ast.walk(s)):
+        return None
+    own = parameters[0].name
+    named = {p.name for p in parameters[1:]}
+    reads = {n.id for s in run for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    local = named | set().union(set(), *map(_assigned, before))
+    taken = sorted((reads & local) - {own})
+    if not set(taken) <= named | _bound(before):  # a local the statements before may leave unbound
+        return None
+    given = sorted(set().union(set(), *map(_assigned, run)) & _names(after))
+    arguments = copy.deepcopy(function.args)  # the signature without annotations; defaults set afterwards
+    for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg):
+        if a is not None:
+            a.annotation = None
+    arguments.defaults, arguments.kw_defaults = [], [None] * len(arguments.kwonlyargs)
+    names = ", ".join(given) + ("," if given else "")
+    source = (f"def forward({', '.join([own, *taken])}):\n{_block(run, 1)}\n    return ({names})\n")
+    filename = f"<bpext traced part of {fn.__module__}.{fn.__code__.co_qualname}, statements {start}-{stop - 1}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for _conditions
+    window = types.FunctionType(next(c for c in compile(source, filename, "exec").co_consts
+                                     if isinstance(c, types.CodeType)), fn.__globals__)
+    call = f"{f'({names}) = ' if given else ''}_bpext_window({', '.join([own, *taken])})"
+    outer = (f"def _bpext_outer(_bpext_window):\n    def forward({ast.unparse(arguments)}):\n"
+             f"{_block(before, 2)}\n        {call}\n{_block(after, 2)}\n    return forward\n")
+    return window, Rest(outer, fn.__globals__["__name__"], fn.__defaults__, fn.__kwdefaults__)
+
+
+def _block(statements, depth: int) -> str:
+    return textwrap.indent("\n".join(ast.unparse(s) for s in statements) or "pass", "    " * depth)

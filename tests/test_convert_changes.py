@@ -633,11 +633,24 @@ def test_a_rewrite_serves_only_the_calls_its_trace_stands_for(make, calls):
         torch.testing.assert_close(xs[1].grad, xs[0].grad)
 
 
+class AsksIsinstanceInside(_TwoLayers):
+    def forward(self, x, y=None):
+        return self.fc2(torch.relu(self.fc1(x))) * (2 if isinstance(y, torch.Tensor) else 1)
+
+
 def test_a_forward_under_an_unknown_wrapper_is_left_with_a_warning():
     with pytest.warns(UserWarning, match="wrapped by .*whose code a rewrite would skip"):
         bpext.convert(WrappedDefault())
     with pytest.warns(UserWarning, match=r"branches on isinstance\(y, torch.Tensor\)"):
-        bpext.convert(AsksIsinstance())
+        bpext.convert(AsksIsinstanceInside())
+
+
+def test_a_test_after_the_mlp_leaves_the_mlp_fused():
+    """AsksIsinstance tests its argument after its MLP: the MLP's statement is rewritten, the test runs as
+    written (test_a_rewrite_serves_only_the_calls_its_trace_stands_for compares both branches)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bpext.fusions(bpext.convert(AsksIsinstance())) == {"": ["mlp(fc1, fc2, relu, identity)"]}
 
 
 def test_a_train_flag_read_from_a_child_is_part_of_the_state():
