@@ -1,7 +1,8 @@
 """What torch needs to know about bpext's ops beyond their kernels: a fake (meta)
-implementation per op, so that torch.compile and torch.export trace through bpext, and a
-vmap rule per op, so that torch.func.vmap batches them. The schemas are in
-kernels/registration.cpp; autograd is registered beside the Functions in functional.py."""
+implementation per op, so that torch.compile and torch.export trace through bpext, a vmap rule
+per op, so that torch.func.vmap batches them, and a sharding rule per op, so that they run on
+DTensors' shards. The schemas are in kernels/registration.cpp; autograd is registered beside the
+Functions in functional.py."""
 
 from __future__ import annotations
 
@@ -255,3 +256,129 @@ for _name in ("dense_forward", "gated_forward", "gated_mlp_forward", "mlp_forwar
     torch.library.register_vmap(f"bpext::{_name}", _rows_or_loop_rule(getattr(ops, _name)))
 for _name in ("dense_backward", "gated_backward", "gated_mlp_backward", "mlp_backward"):
     torch.library.register_vmap(f"bpext::{_name}", _loop_rule(getattr(ops, _name)))
+
+# ---- sharding rules: output placements on DTensors ------------------------------------------------
+# Per mesh dimension, each rule lists (output placements, input placements) in schema order:
+#
+# * all replicated;
+# * data parallel: the inputs' leading dim d sharded, weights replicated (weight gradients partial);
+# * colwise: weights sharded by output feature (``Shard(0)``), the input replicated, the output
+#   sharded on its last dim (``dense``, ``gated``; the gate and up of ``gated_mlp``);
+# * rowwise, where the op is linear in its input (``dense`` with identity; the down projection of
+#   ``gated_mlp``): the weight sharded by input feature (``Shard(1)``), the input on its last dim,
+#   the output (and the bias, scattered as DTensor does natively) partial sums;
+# * activations: any placement but partial sums, kept.
+#
+# Any other placement is redistributed to one of these by DTensor, never computed wrongly.
+# The loss op takes its inputs replicated. Registered by bpext/tensor_parallel.py.
+
+
+def sharding_rules() -> dict:
+    """{op name: its sharding rule}, for DTensor's ``register_sharding``."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    R, P = Replicate(), Partial()
+
+
+    def last(spec) -> int:
+        return len(spec.shape) - 1
+
+    def given(spec, placement):
+        """The placement of an optional tensor argument: None where it is absent."""
+        return None if spec is None else placement
+
+    def of(mask, placements):
+        """Output placements, replicated where the output mask leaves a (0) placeholder."""
+        return [p if asked else R for p, asked in zip(placements, mask)]
+
+    def activation_forward(x, activation, params):
+        return [([R], [R, None, None])] + [([Shard(d)], [Shard(d), None, None]) for d in range(len(x.shape))]
+
+    def activation_backward(grad_y, saved, activation, params):
+        return [([R], [R, R, None, None])] + [([Shard(d)], [Shard(d), Shard(d), None, None])
+                                              for d in range(len(grad_y.shape))]
+
+    def activation_double_backward(grad_grad_x, grad_y, saved, activation, params):
+        return [([R, R], [R, R, R, None, None])] + [([Shard(d)] * 2, [Shard(d)] * 3 + [None, None])
+                                                    for d in range(len(grad_y.shape))]
+
+    def dense_forward(x, weight, bias, activation, params, return_preact):
+        z = lambda p: p if return_preact else R  # noqa: E731 - preact is (0) unless asked for
+        rules = [([R, R], [R, R, given(bias, R), None, None, None])]
+        rules += [([Shard(d), z(Shard(d))], [Shard(d), R, given(bias, R), None, None, None]) for d in range(last(x))]
+        rules.append(([Shard(last(x)), z(Shard(last(x)))], [R, Shard(0), given(bias, Shard(0)), None, None, None]))
+        if activation == "identity":
+            rules.append(([P, z(P)], [Shard(last(x)), Shard(1), given(bias, P), None, None, None]))
+        return rules
+
+    def dense_backward(grad_y, x, weight, saved, activation, params, output_mask):
+        n = last(grad_y)
+        s = lambda p: p if len(saved.shape) > 1 or saved.shape[0] > 0 else R  # noqa: E731 - (0): nothing saved
+        rules = [(of(output_mask, [R, R, R]), [R, given(x, R), given(weight, R), R, None, None, None])]
+        rules += [(of(output_mask, [Shard(d), P, P]), [Shard(d), given(x, Shard(d)), given(weight, R), s(Shard(d)),
+                                                       None, None, None]) for d in range(n)]
+        rules.append((of(output_mask, [P, Shard(0), Shard(0)]),
+                      [Shard(n), given(x, R), given(weight, Shard(0)), s(Shard(n)), None, None, None]))
+        if activation == "identity":
+            rules.append((of(output_mask, [Shard(n), Shard(1), R]),
+                          [R, given(x, Shard(n)), given(weight, Shard(1)), R, None, None, None]))
+        return rules
+
+    def gated_forward(x, weight_gate, bias_gate, weight_up, bias_up, activation, params, save):
+        kept = lambda p: p if save else R  # noqa: E731 - gate and up are (0) unless saved
+        n = last(x)
+        rules = [([R, R, R], [R, R, given(bias_gate, R), R, given(bias_up, R), None, None, None])]
+        rules += [([Shard(d), kept(Shard(d)), kept(Shard(d))],
+                   [Shard(d), R, given(bias_gate, R), R, given(bias_up, R), None, None, None]) for d in range(n)]
+        rules.append(([Shard(n), kept(Shard(n)), kept(Shard(n))],
+                      [R, Shard(0), given(bias_gate, Shard(0)), Shard(0), given(bias_up, Shard(0)), None, None, None]))
+        return rules
+
+    def gated_backward(grad_y, x, weight_gate, weight_up, gate, up, activation, params, output_mask):
+        n = last(grad_y)
+        rest = [None, None, None]
+        rules = [(of(output_mask, [R] * 5), [R, given(x, R), given(weight_gate, R), given(weight_up, R), R, R] + rest)]
+        rules += [(of(output_mask, [Shard(d), P, P, P, P]),
+                   [Shard(d), given(x, Shard(d)), given(weight_gate, R), given(weight_up, R), Shard(d), Shard(d)] + rest)
+                  for d in range(n)]
+        rules.append((of(output_mask, [P] + [Shard(0)] * 4),
+                      [Shard(n), given(x, R), given(weight_gate, Shard(0)), given(weight_up, Shard(0)), Shard(n),
+                       Shard(n)] + rest))
+        return rules
+
+    def gated_mlp_forward(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down, activation, params,
+                          save):
+        kept = lambda p: p if save else R  # noqa: E731
+        n = last(x)
+        rest = [None, None, None]
+        rules = [([R, R, R], [R, R, given(bias_gate, R), R, given(bias_up, R), R, given(bias_down, R)] + rest)]
+        rules += [([Shard(d), kept(Shard(d)), kept(Shard(d))],
+                   [Shard(d), R, given(bias_gate, R), R, given(bias_up, R), R, given(bias_down, R)] + rest)
+                  for d in range(n)]
+        rules.append(([P, kept(Shard(n)), kept(Shard(n))],
+                      [R, Shard(0), given(bias_gate, Shard(0)), Shard(0), given(bias_up, Shard(0)), Shard(1),
+                       given(bias_down, P)] + rest))
+        return rules
+
+    def gated_mlp_backward(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, params, output_mask):
+        n = last(grad_y)
+        rest = [None, None, None]
+        weights = lambda g, u, d: [given(weight_gate, g), given(weight_up, u), given(weight_down, d)]  # noqa: E731
+        rules = [(of(output_mask, [R] * 7), [R, given(x, R), *weights(R, R, R), R, R] + rest)]
+        rules += [(of(output_mask, [Shard(d)] + [P] * 6),
+                   [Shard(d), given(x, Shard(d)), *weights(R, R, R), Shard(d), Shard(d)] + rest) for d in range(n)]
+        rules.append((of(output_mask, [P] + [Shard(0)] * 4 + [Shard(1), R]),
+                      [R, given(x, R), *weights(Shard(0), Shard(0), Shard(1)), Shard(n), Shard(n)] + rest))
+        return rules
+
+    def loss_forward(input, weight, bias, target, *options):
+        return [([R] * 4, [R, R, given(bias, R), R] + [None] * len(options))]
+
+    def loss_backward(grad_loss, input, weight, bias, target, *options):
+        return [([R] * 3, [R, R, R, given(bias, R), R] + [None] * len(options))]
+
+    return {"activation_forward": activation_forward, "activation_backward": activation_backward,
+            "activation_double_backward": activation_double_backward, "dense_forward": dense_forward,
+            "dense_backward": dense_backward, "gated_forward": gated_forward, "gated_backward": gated_backward,
+            "gated_mlp_forward": gated_mlp_forward, "gated_mlp_backward": gated_mlp_backward,
+            "linear_cross_entropy_forward": loss_forward, "linear_cross_entropy_backward": loss_backward}

@@ -67,6 +67,12 @@ def whisper():
                                                                 max_target_positions=32, **SEQ2SEQ))
 
 
+def t5(**kwargs):
+    config = transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100,
+                                   dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **kwargs)
+    return transformers.T5Model(config)
+
+
 def falcon():
     config = transformers.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
                                        hidden_dropout=0.0, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
@@ -90,6 +96,7 @@ def bloom():
 TOKENS = lambda: {"input_ids": torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))}  # noqa: E731
 AUDIO = lambda: {"input_features": torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(0)),  # noqa: E731
                  "decoder_input_ids": TOKENS()["input_ids"]}
+SEQ2SEQ_TOKENS = lambda: {**TOKENS(), "decoder_input_ids": TOKENS()["input_ids"][:, :5]}  # noqa: E731
 PIXELS = lambda: torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # noqa: E731
 
 # name: (model factory, inputs, the fused blocks expected per module path)
@@ -117,6 +124,12 @@ MODELS = {
     "bart": (bart, TOKENS, {f"{part}.layers.0": ["mlp(fc1, fc2, gelu, identity)"] for part in ("encoder", "decoder")}),
     "whisper": (whisper, AUDIO, {f"{part}.layers.0": ["mlp(fc1, fc2, gelu, identity)"]
                                  for part in ("encoder", "decoder")}),
+    # wo after a test of its weight's type and dtype (as written); wi and the activation fused
+    "t5": (t5, SEQ2SEQ_TOKENS, {f"{part}.block.0.layer.{i}.DenseReluDense": ["dense(wi, relu)"]
+                                for part, i in (("encoder", 1), ("decoder", 2))}),
+    "t5_gated": (lambda: t5(feed_forward_proj="gated-gelu"), SEQ2SEQ_TOKENS,
+                 {f"{part}.block.0.layer.{i}.DenseReluDense": ["gated(wi_0, wi_1, gelu_tanh)"]
+                  for part, i in (("encoder", 1), ("decoder", 2))}),
     "falcon": (falcon, TOKENS, {f"h.{i}.mlp": ["mlp(dense_h_to_4h, dense_4h_to_h, gelu, identity)"] for i in range(2)}),
     "phi3": (phi3, TOKENS, {f"layers.{i}.mlp": ["gated_mlp(gate_up_proj[0], gate_up_proj[1], silu, down_proj)"]
                             for i in range(2)}),
