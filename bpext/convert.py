@@ -42,7 +42,7 @@ from . import functional as F
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .nn import TWINS, Dense, activation_of
 from .recognition import DROPOUTS, _leaves, activation_of_node, linear_of_module, widest_dtype
-from .tracing import MISSING, PLAIN, Calls, ChildrenAsLeaves, Rest, has_variadic, windows
+from .tracing import MISSING, PLAIN, Calls, ChildrenAsLeaves, Rest, has_variadic, returns_values, windows
 
 __all__ = ["convert", "fusions"]
 
@@ -854,6 +854,8 @@ def _traced_rewrite(module: nn.Module, window: tuple | None) -> tuple[_Rewrite |
         what = ("changes its grad, autocast or inference mode" if grad_modes else
                 f"changes the state of {', '.join(sorted(set(changed)))}")
         return None, set(), f"its forward {what}, which a trace does not record: it runs as it is"
+    if rest is not None and not returns_values(graph):
+        return None, set(), None
     rewriter = _Rewriter(module, graph)
     found = rewriter.run()
     if not found:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-__all__ = ["MISSING", "PLAIN", "Calls", "ChildrenAsLeaves", "Rest", "has_variadic", "windows"]
+__all__ = ["MISSING", "PLAIN", "Calls", "ChildrenAsLeaves", "Rest", "has_variadic", "returns_values", "windows"]
 
 _P = inspect.Parameter
 _VARIADIC = (_P.VAR_POSITIONAL, _P.VAR_KEYWORD)
@@ -218,6 +218,7 @@ class ChildrenAsLeaves(fx.Tracer):
 # ---- the conditions the traced code tested ------------------------------------------------------
 
 _NOT_ANALYSED = (os.path.dirname(torch.__file__), os.path.dirname(__file__))  # torch's and bpext's own code
+_WINDOW_FILE = "<bpext traced part of "  # the file name of a run of a forward's statements (``windows``): analysed
 _MODE_READS = frozenset({"is_grad_enabled", "is_inference_mode_enabled", "is_autocast_enabled", "get_autocast_dtype",
                          "is_autocast_cpu_enabled", "get_autocast_cpu_dtype", "get_autocast_gpu_dtype",
                          "is_scripting", "is_tracing", "is_compiling", "is_torchdynamo_compiling"})
@@ -235,7 +236,8 @@ class _Executed:
         if event != "call":
             return
         code = frame.f_code
-        if code in self.codes or code.co_filename.startswith(_NOT_ANALYSED) or code.co_filename.startswith("<"):
+        generated = code.co_filename.startswith("<") and not code.co_filename.startswith(_WINDOW_FILE)
+        if code in self.codes or code.co_filename.startswith(_NOT_ANALYSED) or generated:
             return
         if _code_key(code) in _TRANSPARENT_WRAPPERS:
             return
@@ -293,6 +295,26 @@ def _uncertain(tree: ast.AST, checker: "_Certain", qualname: str) -> str | None:
 
 def _assigned(tree: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+def _bound_locally(statements) -> set[str]:
+    """The names ``statements`` bind in the function's own scope (a comprehension's targets are its own)."""
+    out = set()
+
+    def visit(node):
+        if isinstance(node, _COMPREHENSIONS):
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for s in statements:
+        visit(s)
+    return out
 
 
 def _constants_read(function: ast.AST, module_name: str | None, module: nn.Module | None) -> list:
@@ -386,12 +408,9 @@ def windows(module: nn.Module, wanted) -> list[tuple[object, Rest]]:
     name = getattr(fn, "__globals__", {}).get("__name__")
     if code is None or code.co_freevars or sys.modules.get(name) is None or vars(sys.modules[name]) is not fn.__globals__:
         return []  # a closure (zero-argument super() too), or globals that are not a module's
-    try:
-        function = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
-    except (OSError, TypeError, SyntaxError, IndentationError, IndexError):
-        return []
-    if not isinstance(function, ast.FunctionDef):
-        return []
+    function = _function_tree(fn)
+    if function is None or any(_private(n) for n in ast.walk(function)):
+        return []  # private names: compiled outside the class, they would not be mangled
     parameters = list(inspect.signature(fn).parameters.values())
     variadic = {p.name for p in parameters if p.kind in _VARIADIC}
     checker = _Certain(module, set())
@@ -417,10 +436,37 @@ def windows(module: nn.Module, wanted) -> list[tuple[object, Rest]]:
     return out
 
 
+def _function_tree(fn) -> ast.FunctionDef | None:
+    """fn's source as a tree; parsed as the body of a block, so that string constants keep the
+    indentation of their lines (dedenting the source would change them)."""
+    try:
+        source = inspect.getsource(fn)
+        indented = source[:1].isspace()
+        tree = ast.parse("if True:\n" + source if indented else source)
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return None
+    function = (tree.body[0].body if indented else tree.body)[0]
+    return function if isinstance(function, ast.FunctionDef) else None
+
+
+def _private(node: ast.AST) -> bool:
+    name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else ""
+    return name.startswith("__") and not name.endswith("__")
+
+
 def has_variadic(module: nn.Module) -> bool:
     """Whether module's forward takes ``*args`` or ``**kwargs``."""
     fn, _, _ = _unwrapped(type(module).forward)
     return any(p.kind in _VARIADIC for p in inspect.signature(fn).parameters.values())
+
+
+def returns_values(graph: fx.Graph) -> bool:
+    """Whether a traced run returns only traced values and plain constants: fx rebuilds any other
+    object it returns (a list, a dict, an attribute's object) on each call, a copy the statements
+    after the run would change instead of the object."""
+    def value(a) -> bool:
+        return isinstance(a, fx.Node) or type(a) in PLAIN or type(a) is tuple and all(map(value, a))
+    return all(value(a) for n in graph.nodes if n.op == "output" for a in n.args[0])
 
 
 def _names(statements) -> set[str]:
@@ -440,14 +486,20 @@ def _window(fn, function: ast.FunctionDef, parameters, start: int, stop: int) ->
     before, run, after = function.body[:start], function.body[start:stop], function.body[stop:]
     if any(isinstance(n, (ast.Delete, ast.Global, ast.Nonlocal)) for s in before for n in ast.walk(s)):
         return None
+    if any(isinstance(n, ast.NamedExpr) for s in run for n in ast.walk(s)):
+        return None  # a walrus binds in the forward's scope from inside a comprehension
     own = parameters[0].name
-    named = {p.name for p in parameters[1:]}
+    named = {p.name for p in parameters}
     reads = {n.id for s in run for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    local = named | set().union(set(), *map(_assigned, before))
-    taken = sorted((reads & local) - {own})
+    bound_before, bound_run, bound_after = _bound_locally(before), _bound_locally(run), _bound_locally(after)
+    taken = sorted((reads & (named | bound_before)) - {own})
     if not set(taken) <= named | _bound(before):  # a local the statements before may leave unbound
         return None
-    given = sorted(set().union(set(), *map(_assigned, run)) & _names(after))
+    # Each name is local to the whole forward: the run may not read one only the statements after bind,
+    # nor bind one the statements before read (and do not bind), each a global in the split forward.
+    if reads & bound_after - named - bound_before or bound_run & _names(before) - named - bound_before:
+        return None
+    given = sorted(bound_run & _names(after))
     arguments = copy.deepcopy(function.args)  # the signature without annotations; defaults set afterwards
     for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg):
         if a is not None:
@@ -455,7 +507,7 @@ def _window(fn, function: ast.FunctionDef, parameters, start: int, stop: int) ->
     arguments.defaults, arguments.kw_defaults = [], [None] * len(arguments.kwonlyargs)
     names = ", ".join(given) + ("," if given else "")
     source = (f"def forward({', '.join([own, *taken])}):\n{_block(run, 1)}\n    return ({names})\n")
-    filename = f"<bpext traced part of {fn.__module__}.{fn.__code__.co_qualname}, statements {start}-{stop - 1}>"
+    filename = f"{_WINDOW_FILE}{fn.__module__}.{fn.__code__.co_qualname}, statements {start}-{stop - 1}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for _conditions
     window = types.FunctionType(next(c for c in compile(source, filename, "exec").co_consts
                                      if isinstance(c, types.CodeType)), fn.__globals__)

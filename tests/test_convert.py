@@ -588,3 +588,121 @@ def test_a_closure_is_not_rewritten_in_part():
     assert bpext.fusions(ours) == {}
     x = torch.randn(3, 4) * 100
     torch.testing.assert_close(ours(x), native(x))
+
+
+# Forwards rewritten in part that a review found computing something else (each now runs as native).
+FACTOR = 2.0
+
+
+class _Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4)
+
+
+class GlobalInRun(_Base):
+    def forward(self, x, **kwargs):
+        return self.fc2(self.act(self.fc1(x))) * FACTOR
+
+
+class ClassAttributeInRun(_Base):
+    k = 2.0
+
+    def forward(self, x, **kwargs):
+        return self.fc2(self.act(self.fc1(x))) * self.k
+
+
+class PrivateName(_Base):
+    def __init__(self):
+        super().__init__()
+        self.__scale = 2.0
+
+    def forward(self, x, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))
+        return h * self.__scale
+
+
+class ComprehensionShadows(_Base):
+    def forward(self, x, **kwargs):
+        x = x * FACTOR
+        if x.sum() > 1e9:
+            x = x * 0
+        ys = [self.fc2(self.act(self.fc1(FACTOR))) for FACTOR in [x]]  # noqa: F402
+        return ys[0] + FACTOR
+
+
+class ClosureBefore(_Base):
+    def forward(self, x, **kwargs):
+        residual = lambda: h + x  # noqa: E731
+        h = self.fc2(self.act(self.fc1(x)))
+        return residual()
+
+
+class ListBoundInRun(_Base):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))
+        seen = self.seen
+        if h.dtype == torch.float16:
+            h = h.clamp(-1, 1)
+        seen.append(h)
+        return h, len(self.seen)
+
+
+class MultilineString(_Base):
+    def forward(self, x, **kwargs):
+        text = """a
+        b"""
+        if x.sum() > 1e9:
+            x = x * 0
+        return self.fc2(self.act(self.fc1(x))), text
+
+
+class BindsAGlobalItRead(_Base):
+    def forward(self, x, **kwargs):
+        x = x * FACTOR
+        if x.sum() > 1e9:
+            x = x * 0
+        h = self.fc2(self.act(self.fc1(x)))
+        FACTOR = 2  # noqa: F841 - natively FACTOR is local, and reading it above raises
+        return h
+
+
+@pytest.mark.parametrize("cls", [GlobalInRun, ClassAttributeInRun, PrivateName, ComprehensionShadows, ClosureBefore,
+                                 ListBoundInRun, MultilineString, BindsAGlobalItRead], ids=lambda c: c.__name__)
+def test_a_forward_rewritten_in_part_computes_what_it_computes(cls):
+    """Names keep their scope (a comprehension's own, a closure's, a global the forward binds), private
+    names their mangling, string constants their text, objects their identity; globals and class
+    attributes the traced part reads are read as they are now."""
+    global FACTOR
+    torch.manual_seed(0)
+    native = cls()
+    ours = bpext.convert(copy.deepcopy(native))
+    x = torch.randn(3, 4, dtype=torch.float32)
+
+    def outcome(model):
+        try:
+            return model(x)
+        except Exception as e:  # noqa: BLE001 - what native raises, ours must raise
+            return type(e)
+
+    def same(a, b):
+        if isinstance(a, tuple):
+            assert isinstance(b, tuple) and len(a) == len(b)
+            return all(same(u, v) for u, v in zip(a, b))
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b)
+            return True
+        assert a == b
+        return True
+
+    try:
+        for change in (None, 3.0):
+            if change is not None:
+                FACTOR = ClassAttributeInRun.k = change
+            assert same(outcome(ours), outcome(native))
+    finally:
+        FACTOR = ClassAttributeInRun.k = 2.0
