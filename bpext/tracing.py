@@ -26,10 +26,13 @@ graph. The rewrite is kept only where every branch is the same on every call it 
 
 from __future__ import annotations
 
+import __future__
 import ast
 import copy
+import functools
 import inspect
 import linecache
+import operator
 import os
 import sys
 import textwrap
@@ -265,31 +268,88 @@ def _conditions(codes: dict, root: nn.Module, forward, arguments: set) -> tuple[
         is_forward = (code.co_filename, code.co_firstlineno) == (forward.co_filename, forward.co_firstlineno)
         own = arguments if is_forward else set()  # arguments tested against None: only the forward's
         checker = _Certain(root if is_method else None, own - _assigned(function))
-        why = _uncertain(function, checker, code.co_qualname)
+        why = _uncertain(function, checker, code.co_qualname) or _outside_effects(function, module_name, code.co_qualname)
         if why:
             return tested, constants, why
         tested |= checker.tested
     return tested, constants, None
 
 
+_MUTATORS = frozenset({"append", "extend", "insert", "update", "add", "setdefault", "pop", "popitem", "remove", "clear",
+                       "discard", "write", "writelines", "put"})
+
+
+def _outside_effects(function: ast.AST, module_name: str | None, qualname: str) -> str | None:
+    """Why the code changes something outside the module (a global's contents, the output), which its
+    trace did once, not on each call; None where it does not."""
+    local = {a.arg for a in ast.walk(function) if isinstance(a, ast.arg)} | _assigned(function)
+    namespace = vars(sys.modules[module_name]) if module_name in sys.modules else {}
+
+    def global_base(e) -> str | None:
+        while isinstance(e, (ast.Attribute, ast.Subscript)):
+            e = e.value
+        return e.id if isinstance(e, ast.Name) and e.id not in local else None
+
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+            return f"{qualname} prints, which its trace did once"
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MUTATORS
+                and (name := global_base(node.func.value)) is not None
+                and not isinstance(namespace.get(name), types.ModuleType)):
+            return f"{qualname} changes {name}, a global, which its trace did once"
+        targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, (ast.Attribute, ast.Subscript)) and (name := global_base(target)) is not None:
+                return f"{qualname} changes {name}, a global, which its trace did once"
+    return None
+
+
+# Calls whose value a trace fixes from the Proxy it was given (its type, identity, text), wherever
+# they stand: a condition on them, or their value kept, would be the trace's on every call.
+_INTROSPECTION = frozenset({"isinstance", "issubclass", "type", "hasattr", "callable", "id", "str", "repr", "format"})
+# What reads or changes the frame's names behind the compiler's back.
+_FRAME_ACCESS = frozenset({"locals", "vars", "eval", "exec", "_getframe", "currentframe"})
+# Calls that only report (their text may hold a Proxy's: harmless).
+_REPORTS = frozenset({"warn", "warning", "warning_once", "info", "debug", "error"})
+
+
+def _name_of(call: ast.Call) -> str | None:
+    return getattr(call.func, "attr", getattr(call.func, "id", None))
+
+
 def _uncertain(tree: ast.AST, checker: "_Certain", qualname: str) -> str | None:
-    """Why the code in ``tree`` may take another branch on another call, or None."""
+    """Why the code in ``tree`` may take another branch, or compute another value, on another call
+    than its trace did; None where it cannot."""
+    reported = {id(n) for r in ast.walk(tree) if isinstance(r, ast.Raise) or isinstance(r, ast.Call) and
+                _name_of(r) in _REPORTS for n in ast.walk(r)}  # raised or reported: text only
     for node in ast.walk(tree):
         if isinstance(node, (ast.Try, ast.Match, getattr(ast, "TryStar", ast.Try))):
             return f"{qualname} has a try or match statement"
-        if (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
-                and getattr(node.func, "attr", getattr(node.func, "id", None)) in _MODE_READS):
+        if isinstance(node, (ast.With, ast.AsyncWith)):
+            return f"{qualname} has a with statement, whose context a trace enters once"
+        if isinstance(node, ast.Call) and _name_of(node) in _MODE_READS:
             return f"{qualname} reads the grad, autocast or tracing mode ({ast.unparse(node)})"
-        tests = []
+        if isinstance(node, (ast.Name, ast.Attribute)) and getattr(node, "id", getattr(node, "attr", None)) in _FRAME_ACCESS:
+            return f"{qualname} reads its frame ({ast.unparse(node)})"
+        tests, values = [], []
         if isinstance(node, (ast.If, ast.While, ast.IfExp, ast.Assert)):
             tests.append(node.test)
         elif isinstance(node, ast.BoolOp):
             tests.extend(node.values)
         elif isinstance(node, ast.comprehension):
             tests.extend(node.ifs)
-        for test in tests:
-            if not checker.certain(test):
-                return f"{qualname} branches on {ast.unparse(test)}, which a trace cannot answer"
+        elif id(node) in reported:
+            pass
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+            values.append(node)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _INTROSPECTION:
+            values.append(node)
+        elif isinstance(node, ast.JoinedStr) and any(isinstance(v, ast.FormattedValue) for v in node.values):
+            values.append(node)
+        for expr, what in [(t, "branches on") for t in tests] + [(v, "computes") for v in values]:
+            if not checker.certain(expr):
+                return f"{qualname} {what} {ast.unparse(expr)}, which a trace cannot answer"
     return None
 
 
@@ -309,6 +369,15 @@ def _bound_locally(statements) -> set[str]:
             return
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             out.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+            return  # its body is a scope of its own
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            out.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            out.add(node.rest)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -387,12 +456,15 @@ class Rest:
     module: str
     defaults: tuple | None
     kwdefaults: dict | None
+    flags: int  # the forward's __future__ flags
+    name: str
+    qualname: str
 
     def around(self, window):
-        code = compile(self.source, f"<bpext forward of {self.module}>", "exec")
-        outer = next(c for c in code.co_consts if isinstance(c, types.CodeType))
+        outer = _function_code(self.source, f"<bpext forward of {self.module}.{self.qualname}>", self.flags)
         forward = types.FunctionType(outer, vars(sys.modules[self.module]))(window)
         forward.__defaults__, forward.__kwdefaults__ = self.defaults, self.kwdefaults
+        forward.__name__, forward.__qualname__ = self.name, self.qualname
         return forward
 
 
@@ -406,11 +478,13 @@ def windows(module: nn.Module, wanted) -> list[tuple[object, Rest]]:
     fn, _, _ = _unwrapped(type(module).forward)
     code = getattr(fn, "__code__", None)
     name = getattr(fn, "__globals__", {}).get("__name__")
-    if code is None or code.co_freevars or sys.modules.get(name) is None or vars(sys.modules[name]) is not fn.__globals__:
-        return []  # a closure (zero-argument super() too), or globals that are not a module's
+    if (code is None or code.co_freevars or code.co_cellvars or sys.modules.get(name) is None
+            or vars(sys.modules[name]) is not fn.__globals__):
+        return []  # a closure, or one made in it (its cells), or globals that are not a module's
     function = _function_tree(fn)
-    if function is None or any(_private(n) for n in ast.walk(function)):
-        return []  # private names: compiled outside the class, they would not be mangled
+    if function is None or any(_private(n) or getattr(n, "id", getattr(n, "attr", None)) in _FRAME_ACCESS
+                               for n in ast.walk(function)):
+        return []  # private names (compiled outside the class, they would not be mangled), the frame read
     parameters = list(inspect.signature(fn).parameters.values())
     variadic = {p.name for p in parameters if p.kind in _VARIADIC}
     checker = _Certain(module, set())
@@ -491,14 +565,12 @@ def _window(fn, function: ast.FunctionDef, parameters, start: int, stop: int) ->
     own = parameters[0].name
     named = {p.name for p in parameters}
     reads = {n.id for s in run for n in ast.walk(s) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    bound_before, bound_run, bound_after = _bound_locally(before), _bound_locally(run), _bound_locally(after)
-    taken = sorted((reads & (named | bound_before)) - {own})
-    if not set(taken) <= named | _bound(before):  # a local the statements before may leave unbound
+    bound_before, bound_run = _bound_locally(before), _bound_locally(run)
+    taken = sorted(reads & (named | bound_before | _bound_locally(after)) - {own})  # the locals it reads from outside
+    if not set(taken) <= named | _bound(before):  # each bound when the run starts, whatever happened before
         return None
-    # Each name is local to the whole forward: the run may not read one only the statements after bind,
-    # nor bind one the statements before read (and do not bind), each a global in the split forward.
-    if reads & bound_after - named - bound_before or bound_run & _names(before) - named - bound_before:
-        return None
+    if bound_run & _names(before) - named - bound_before:
+        return None  # natively a local the statements before read unbound; a global in the split forward
     given = sorted(bound_run & _names(after))
     arguments = copy.deepcopy(function.args)  # the signature without annotations; defaults set afterwards
     for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg):
@@ -509,12 +581,22 @@ def _window(fn, function: ast.FunctionDef, parameters, start: int, stop: int) ->
     source = (f"def forward({', '.join([own, *taken])}):\n{_block(run, 1)}\n    return ({names})\n")
     filename = f"{_WINDOW_FILE}{fn.__module__}.{fn.__code__.co_qualname}, statements {start}-{stop - 1}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # for _conditions
-    window = types.FunctionType(next(c for c in compile(source, filename, "exec").co_consts
-                                     if isinstance(c, types.CodeType)), fn.__globals__)
+    flags = fn.__code__.co_flags & _FUTURE_FLAGS  # the forward's module's __future__ imports, not bpext's
+    window = types.FunctionType(_function_code(source, filename, flags), fn.__globals__)
     call = f"{f'({names}) = ' if given else ''}_bpext_window({', '.join([own, *taken])})"
-    outer = (f"def _bpext_outer(_bpext_window):\n    def forward({ast.unparse(arguments)}):\n"
-             f"{_block(before, 2)}\n        {call}\n{_block(after, 2)}\n    return forward\n")
-    return window, Rest(outer, fn.__globals__["__name__"], fn.__defaults__, fn.__kwdefaults__)
+    outer = (f"def _bpext_outer(_bpext_window):\n    def _bpext_forward({ast.unparse(arguments)}):\n"
+             f"{_block(before, 2)}\n        {call}\n{_block(after, 2)}\n    return _bpext_forward\n")
+    return window, Rest(outer, fn.__globals__["__name__"], fn.__defaults__, fn.__kwdefaults__, flags,
+                        fn.__name__, fn.__qualname__)
+
+
+_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names))
+
+
+def _function_code(source: str, filename: str, flags: int) -> types.CodeType:
+    """The code of the one function ``source`` defines, compiled with the given __future__ flags only."""
+    module = compile(source, filename, "exec", flags=flags, dont_inherit=True)
+    return next(c for c in module.co_consts if isinstance(c, types.CodeType))
 
 
 def _block(statements, depth: int) -> str:

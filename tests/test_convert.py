@@ -4,6 +4,7 @@ training, state dicts both ways, save/load, hooks, train/eval)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -671,8 +672,88 @@ class BindsAGlobalItRead(_Base):
         return h
 
 
-@pytest.mark.parametrize("cls", [GlobalInRun, ClassAttributeInRun, PrivateName, ComprehensionShadows, ClosureBefore,
-                                 ListBoundInRun, MultilineString, BindsAGlobalItRead], ids=lambda c: c.__name__)
+def helper(t):
+    return t * 3
+
+
+def forward(t):  # a global named as the method
+    return t + 100
+
+
+class ClosureOverAParameter(_Base):
+    def forward(self, x, **kwargs):
+        g = lambda: x * 1  # noqa: E731 - sees x as the run rebinds it
+        x = self.fc2(self.act(self.fc1(x)))
+        return g()
+
+
+class LocalFunctionBefore(_Base):
+    def forward(self, x, **kwargs):
+        def helper(t):
+            return t * 5
+        return helper(self.fc2(self.act(self.fc1(x))))
+
+
+class ImportAfter(_Base):
+    def forward(self, x, **kwargs):
+        h = self.fc2(F.relu(self.fc1(x)))  # noqa: F821 - natively an unbound local
+        if h.sum() > 1e9:
+            import torch.nn.functional as F
+        return h
+
+
+class ReadsLocals(_Base):
+    def forward(self, x, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))  # noqa: F841
+        return sorted(locals())
+
+
+class CallsAGlobalNamedForward(_Base):
+    def forward(self, x, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))
+        return forward(h)
+
+
+class AnnotatesAFunction(_Base):
+    def forward(self, x, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))
+
+        def g(t: int) -> float:
+            return t
+        return h, g.__annotations__
+
+
+class KeepsIdentityTests(_Base):
+    def forward(self, x, mask=None, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))
+        use = mask is not None
+        if use:
+            h = h * mask
+        return h, isinstance(x, torch.Tensor), f"{x.shape[0]}"
+
+
+LOG = []
+
+
+class AppendsToAGlobal(_Base):
+    def forward(self, x, **kwargs):
+        h = self.fc2(self.act(self.fc1(x)))
+        LOG.append(1)
+        return h, len(LOG)
+
+
+class SuppressesAnError(_Base):
+    def forward(self, x, **kwargs):
+        h = x
+        with contextlib.suppress(RuntimeError):
+            h = self.fc2(self.act(self.fc1(x)))
+        return h
+
+
+@pytest.mark.parametrize("cls", [
+    GlobalInRun, ClassAttributeInRun, PrivateName, ComprehensionShadows, ClosureBefore, ListBoundInRun, MultilineString,
+    BindsAGlobalItRead, ClosureOverAParameter, LocalFunctionBefore, ImportAfter, ReadsLocals, CallsAGlobalNamedForward,
+    AnnotatesAFunction, KeepsIdentityTests, AppendsToAGlobal, SuppressesAnError], ids=lambda c: c.__name__)
 def test_a_forward_rewritten_in_part_computes_what_it_computes(cls):
     """Names keep their scope (a comprehension's own, a closure's, a global the forward binds), private
     names their mangling, string constants their text, objects their identity; globals and class
@@ -703,6 +784,12 @@ def test_a_forward_rewritten_in_part_computes_what_it_computes(cls):
         for change in (None, 3.0):
             if change is not None:
                 FACTOR = ClassAttributeInRun.k = change
+            LOG.clear()
+            expected = outcome(native)
+            LOG.clear()
+            assert same(outcome(ours), expected)
+        if cls is SuppressesAnError:  # a shape the Linear refuses: suppressed natively, by ours too
+            x = torch.randn(3, 5)
             assert same(outcome(ours), outcome(native))
     finally:
         FACTOR = ClassAttributeInRun.k = 2.0
