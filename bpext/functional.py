@@ -10,8 +10,8 @@ the activation's one definition of act'. vmap batches the ops themselves (_ops.p
 
 In plain eager mode the dense layer and the MLP skip their Python Functions: ``bpext::dense``
 and ``bpext::mlp`` tie each one's forward and backward ops with a C++ autograd Function
-(kernels/autograd.cpp) that mirrors DenseFunction and MLPFunction, so a training step runs no
-Python between a layer's ops.
+(kernels/autograd.cpp), so a training step runs no Python between a layer's ops; their double
+backward calls the differentiable forms defined here (``bpext::dense_grads``, ``bpext::mlp_grads``).
 
 A Function takes its activation as one ``ResolvedActivation`` (a pytree leaf, as torch.func
 needs); the ops take it as its name and parameter values.
@@ -840,6 +840,38 @@ for _op, _function, _at in (("activation_forward", ActivationFunction, 1),
                             ("gated_mlp_forward", GatedMLPFunction, 7)):
     _register(_op, _function, _at)
 torch.library.register_autograd("bpext::mlp_forward", _mlp_op_backward, setup_context=_mlp_op_setup_context)
+
+
+# ---- the differentiable forms, for the double backward of the C++ Functions ------------------------
+# kernels/autograd.cpp's Functions (bpext::dense, bpext::mlp) call these when a graph is being built,
+# so that each layer's backward has one differentiable definition, this one.
+
+_library = torch.library.Library("bpext", "FRAGMENT")
+_library.define("dense_grads(Tensor? grad_y, Tensor? grad_preact, Tensor? x, Tensor? weight, Tensor? saved, "
+                "str activation, float[] params, bool[3] mask) -> (Tensor, Tensor, Tensor)")
+_library.define("mlp_grads(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, str activation, float[] params, "
+                "str output_activation, float[] output_params, int[] needs) -> Tensor[]")
+
+
+def _dense_grads_op(grad_y, grad_preact, x, weight, saved, activation, params, mask):
+    """_dense_grads; (0) where mask says no."""
+    act = resolve_by_values(activation, tuple(params))
+    return _placeholders(_dense_grads(grad_y, x, weight, saved, act, mask, grad_preact),
+                         grad_y if grad_y is not None else grad_preact)
+
+
+def _mlp_grads_op(grad_y, x, weights, biases, activation, params, output_activation, output_params, needs):
+    """_stack_grads: [grad_x, *grad_weights, *grad_biases], (0) where needs (x, the weights, the biases) says no."""
+    acts = [resolve_by_values(activation, tuple(params))] * (len(weights) - 1) + [
+        resolve_by_values(output_activation, tuple(output_params))]
+    return list(_placeholders(_stack_grads(grad_y, x, list(weights), _layer_biases(biases), acts, list(map(bool, needs))),
+                              grad_y))
+
+
+for _name, _fn in (("dense_grads", _dense_grads_op), ("mlp_grads", _mlp_grads_op)):
+    # Batched too: gradcheck's legacy vmap has no fallback for an op that returns a list
+    for _key in ("CompositeImplicitAutograd", "Batched"):
+        _library.impl(_name, _fn, _key)
 
 
 # ---- the functional API -------------------------------------------------------------------------

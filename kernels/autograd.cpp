@@ -3,8 +3,9 @@
 // training step runs no Python between a layer's ops (a Python autograd.Function costs some
 // 40 us a layer, forward and backward, more than a small layer's GEMMs). bpext/functional.py
 // calls these ops in plain eager mode only: under torch.func, forward-mode AD, torch.compile
-// and tracing it applies DenseFunction and MLPFunction, which these mirror (same outputs, same
-// saved tensors, same double backward built of differentiable pieces).
+// and tracing it applies DenseFunction and MLPFunction, whose outputs and saved tensors these
+// mirror. Double backward calls the one differentiable definition of each layer's backward, which
+// bpext/functional.py registers as bpext::dense_grads and bpext::mlp_grads.
 #include <ATen/ATen.h>
 #include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/autocast_mode.h>
@@ -58,6 +59,21 @@ const auto& mlp_backward_op() {
       c10::string_view, Params, c10::string_view, Params, bool)>("bpext::mlp_backward");
   return op;
 }
+// The layers' backward as differentiable pieces, for double backward: defined once, in Python
+// (bpext/functional.py, _dense_grads and _stack_grads, registered as CompositeImplicitAutograd ops),
+// so their formulas are those of every other path. (0) where not asked for.
+const auto& dense_grads_op() {
+  static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
+      c10::string_view, Params, std::array<bool, 3>)>("bpext::dense_grads");
+  return op;
+}
+const auto& mlp_grads_op() {
+  static const auto op = find_op<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                                         at::TensorList, c10::string_view, Params, c10::string_view,
+                                                         Params, at::IntArrayRef)>("bpext::mlp_grads");
+  return op;
+}
 const auto& activation_forward_op() {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&, c10::string_view, Params)>("bpext::activation_forward");
@@ -67,11 +83,6 @@ const auto& activation_backward_op() {
   static const auto op =
       find_op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, Params)>("bpext::activation_backward");
   return op;
-}
-
-at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.defined()) return b;
-  return b.defined() ? a + b : a;
 }
 
 // An activation as backward needs it, kept in the context under `key`.
@@ -94,23 +105,7 @@ at::Tensor read_of(Saves saves, const at::Tensor& z, const at::Tensor& y) {
   return saves == Saves::kOutput ? y : saves == Saves::kInput ? z : at::Tensor();
 }
 
-// The differentiable pieces double backward is built of (recorded when grad mode is on).
-
-// grad * act'(s); grad itself where the activation reads nothing (s undefined)
-at::Tensor derivative(const at::Tensor& grad, const at::Tensor& s, const SavedActivation& act) {
-  return s.defined() ? activation_backward_op().call(grad, s, act.name, act.params) : grad;
-}
-
-// dz: (*, OUT), x: (*, IN), weight: (OUT, IN) -> grad_x, grad_weight, grad_bias of x @ weight.T + bias, where mask asks
-std::array<at::Tensor, 3> linear_grads(const at::Tensor& dz, const at::Tensor& x, const at::Tensor& weight,
-                                       std::array<bool, 3> mask) {
-  const at::Tensor dz2 = as_rows(dz);
-  std::array<at::Tensor, 3> out;
-  if (mask[0]) out[0] = at::mm(dz2, weight).reshape(with_last_dim(dz.sizes(), weight.size(1)));
-  if (mask[1]) out[1] = at::mm(dz2.t(), as_rows(x));
-  if (mask[2]) out[2] = dz2.sum(0);
-  return out;
-}
+OptionalTensor defined_or_none(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
 struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
   // x: (*, IN), weight: (OUT, IN), bias: (OUT) -> y: (*, OUT), preact: (*, OUT) or (0) unless return_preact.
@@ -147,9 +142,12 @@ struct DenseAutograd : torch::autograd::Function<DenseAutograd> {
     if (!grad_y.defined() && !grad_preact.defined()) return out;
     if (at::GradMode::is_enabled() || grad_preact.defined()) {
       // Double backward (create_graph=True), or a gradient sent into z: differentiable pieces.
-      const at::Tensor dz = sum_defined(grad_y.defined() ? derivative(grad_y, s, act) : grad_y, grad_preact);
-      const auto linear = linear_grads(dz, x, weight, mask);
-      std::copy(linear.begin(), linear.end(), out.begin());
+      auto [grad_x, grad_weight, grad_bias] =
+          dense_grads_op().call(defined_or_none(grad_y), defined_or_none(grad_preact), defined_or_none(x),
+                                defined_or_none(weight), defined_or_none(s), act.name, act.params, mask);
+      if (mask[0]) out[0] = grad_x;
+      if (mask[1]) out[1] = grad_weight;
+      if (mask[2]) out[2] = grad_bias;
       return out;
     }
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -196,35 +194,6 @@ bool is_bias(const at::Tensor& bias) { return bias.sym_numel() != 0; }
 // A bias's version counter, which double backward checks; an inference tensor has none (and
 // cannot be changed in place outside inference mode), nor has the (0) that stands for no bias.
 int64_t version_of(const at::Tensor& bias) { return bias.is_inference() || !is_bias(bias) ? -1 : bias._version(); }
-
-// The layers of an MLP as differentiable pieces (double backward, and gradcheck's legacy vmap,
-// which has no fallback for ops returning lists): grad_x, the weights' then the biases'
-// gradients, where `needs` (x, the weights, the biases) asks. Biases: undefined for none.
-variable_list stack_grads(const at::Tensor& grad_y, const at::Tensor& x, const std::vector<at::Tensor>& weights,
-                          const std::vector<at::Tensor>& biases, const SavedActivation& hidden,
-                          const SavedActivation& output, const std::vector<bool>& needs) {
-  const size_t n = weights.size();
-  std::vector<at::Tensor> inputs{x}, reads;
-  for (size_t l = 0; l < n; ++l) {
-    const SavedActivation& act = l + 1 == n ? output : hidden;
-    const at::Tensor z = at::linear(inputs.back(), weights[l], biases[l]);
-    const at::Tensor y = activation_forward_op().call(z, act.name, act.params);
-    reads.push_back(read_of(act.saves(), z, y));
-    inputs.push_back(y);
-  }
-  variable_list out(1 + 2 * n);
-  at::Tensor g = grad_y;
-  for (size_t l = n; l-- > 0;) {
-    const at::Tensor dz = derivative(g, reads[l], l + 1 == n ? output : hidden);
-    const auto grads = linear_grads(dz, inputs[l], weights[l],
-                                    {l > 0 || needs[0], needs[1 + l], needs[1 + n + l] && biases[l].defined()});
-    g = grads[0];
-    out[1 + l] = grads[1];
-    out[1 + n + l] = grads[2];
-  }
-  if (needs[0]) out[0] = g;
-  return out;
-}
 
 struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
   // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or (0) -> y: (*, W[L]), then the kept
@@ -274,16 +243,21 @@ struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
     for (size_t i = 0; i < needs.size(); ++i) needs[i] = ctx->needs_input_grad(i);
     if (at::GradMode::is_enabled() || at::isBatchedTensor(grad_y)) {
       const std::vector<int64_t> versions = ctx->saved_data["bias_versions"].toIntVector();
-      std::vector<at::Tensor> layer_biases;
       for (size_t l = 0; l < n; ++l) {
         TORCH_CHECK(version_of(biases[l]) == versions[l],
                     "one of the variables needed for gradient computation has been modified by an inplace "
                     "operation: a bias of a bpext layer was changed after forward, and double backward "
                     "(create_graph=True) rebuilds the layer from it");
-        layer_biases.push_back(is_bias(biases[l]) ? biases[l] : at::Tensor());
       }
-      variable_list grads_in = stack_grads(grad_y, x, weights, layer_biases, hidden, output, needs);
-      std::copy(grads_in.begin(), grads_in.end(), out.begin());
+      // The layers rebuilt from x, as differentiable pieces (also for gradcheck's legacy vmap, which has
+      // no fallback for the fused op's lists).
+      std::vector<int64_t> wanted(needs.begin(), needs.end());  // x, the weights, the biases: 1 where asked for
+      for (size_t l = 0; l < n; ++l) wanted[1 + n + l] = needs[1 + n + l] && is_bias(biases[l]);
+      const std::vector<at::Tensor> grads_in =
+          mlp_grads_op().call(grad_y, x, weights, biases, hidden.name, hidden.params, output.name, output.params, wanted);
+      for (size_t i = 0; i < grads_in.size(); ++i) {
+        if (wanted[i]) out[i] = grads_in[i];
+      }
       return out;
     }
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
