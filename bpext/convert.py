@@ -803,7 +803,7 @@ class _Rewrite:
         scope = {k: _ModuleName(v.__name__) if isinstance(v, types.ModuleType) else v for k, v in self.scope.items()}
         try:
             pickle.dumps((scope, self.rest))
-        except Exception:  # something the generated code calls (or a default of a split forward) does not pickle
+        except Exception:  # something the generated code calls (or a default of the forward) does not pickle
             return None
         return scope
 

@@ -570,7 +570,7 @@ def _window(fn, function: ast.FunctionDef, parameters, start: int, stop: int) ->
     if not set(taken) <= named | _bound(before):  # each bound when the run starts, whatever happened before
         return None
     if bound_run & _names(before) - named - bound_before:
-        return None  # natively a local the statements before read unbound; a global in the split forward
+        return None  # natively a local the statements before read unbound; a global in the forward rewritten
     given = sorted(bound_run & _names(after))
     arguments = copy.deepcopy(function.args)  # the signature without annotations; defaults set afterwards
     for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg):

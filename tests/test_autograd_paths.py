@@ -388,3 +388,36 @@ def test_the_cpp_autograd_ops_refuse_a_tangent_they_would_drop():
         tangent = fwAD.unpack_dual(B.dense(dual, w, b, "tanh")).tangent
     _, expected = torch.func.jvp(lambda x: torch.tanh(F.linear(x, w, b)), (x,), (t,))
     torch.testing.assert_close(tangent, expected)
+
+
+# ---- forward mode inside another derivative ------------------------------------------------------
+
+NESTED = {
+    "activation": (lambda x, w, wu, wd, b: B.activation(x, "tanh"), lambda x, w, wu, wd, b: torch.tanh(x)),
+    "dense": (lambda x, w, wu, wd, b: B.dense(x, w, b, "silu"), lambda x, w, wu, wd, b: F.silu(F.linear(x, w, b))),
+    "mlp": (lambda x, w, wu, wd, b: B.mlp(x, [w, wd], [b, None], "gelu"),
+            lambda x, w, wu, wd, b: F.linear(F.gelu(F.linear(x, w, b)), wd)),
+    "gated": (lambda x, w, wu, wd, b: B.gated(x, w, wu, b, None, "tanh"),
+              lambda x, w, wu, wd, b: torch.tanh(F.linear(x, w, b)) * F.linear(x, wu)),
+    "gated_mlp": (lambda x, w, wu, wd, b: B.gated_mlp(x, w, wu, wd, b, None, None, "gelu"),
+                  lambda x, w, wu, wd, b: F.linear(F.gelu(F.linear(x, w, b)) * F.linear(x, wu), wd)),
+}
+TRANSFORMS = {
+    "jacfwd(jacfwd)": lambda f: torch.func.jacfwd(torch.func.jacfwd(f)),
+    "jacrev(jacfwd)": lambda f: torch.func.jacrev(torch.func.jacfwd(f)),
+    "jacfwd(hessian)": lambda f: torch.func.jacfwd(torch.func.hessian(f)),
+    "hessian": torch.func.hessian,
+}
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORMS.keys())
+@pytest.mark.parametrize("layer", NESTED, ids=NESTED.keys())
+def test_forward_mode_inside_another_derivative_equals_native(layer, transform):
+    """Once 0 or a crash: a Function's jvp runs below an outer transform, which sees none of its work;
+    there the layers compose native ops (third derivatives included)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, dtype=torch.float64, generator=g)
+    w, wu = torch.randn(4, 3, dtype=torch.float64, generator=g), torch.randn(4, 3, dtype=torch.float64, generator=g)
+    wd, b = torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
+    ours, native = (lambda x, f=f: f(x, w, wu, wd, b).square().sum() for f in NESTED[layer])
+    torch.testing.assert_close(TRANSFORMS[transform](ours)(x), TRANSFORMS[transform](native)(x))
