@@ -748,8 +748,7 @@ def _mlp_op_backward(ctx, grad_y, _):
 
 
 def _dense_backward_definition(grad_y, x, weight, saved, activation, params, mask):
-    act = resolve_by_values(activation, tuple(params))
-    return _placeholders(_dense_grads(grad_y, x, weight, saved if act.saves != "nothing" else None, act, mask), grad_y)
+    return _dense_grads_op(grad_y, None, x, weight, saved, activation, params, mask)
 
 
 def _gated_backward_definition(grad_y, x, weight_gate, weight_up, gate, up, activation, params, mask):
@@ -854,8 +853,9 @@ _library.define("mlp_grads(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] b
 
 
 def _dense_grads_op(grad_y, grad_preact, x, weight, saved, activation, params, mask):
-    """_dense_grads; (0) where mask says no."""
+    """_dense_grads; (0) where mask says no. ``saved`` is unread (or none) where act saves nothing."""
     act = resolve_by_values(activation, tuple(params))
+    saved = saved if act.saves != "nothing" else None
     return _placeholders(_dense_grads(grad_y, x, weight, saved, act, mask, grad_preact),
                          grad_y if grad_y is not None else grad_preact)
 
