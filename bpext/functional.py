@@ -794,15 +794,18 @@ def _register_backward_op(op_name: str, definition) -> None:
     def backward(ctx, *grads):
         tensors = iter(ctx.saved_tensors)
         flat = [next(tensors) if is_tensor else c for c, is_tensor in zip(ctx.constants, ctx.is_tensor)]
+        create_graph = torch.is_grad_enabled()  # a derivative of this one follows: keep the inputs' graphs
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
-                      for t in flat]
+            # one tensor per position (a tensor passed twice gets each place's gradient)
+            leaves = [t if not isinstance(t, torch.Tensor) else t.view_as(t) if create_graph else
+                      t.detach().requires_grad_(t.is_floating_point()) for t in flat]
             inputs = pytree.tree_unflatten(leaves, ctx.spec)
             outputs = pytree.tree_leaves(definition(*inputs))
             pairs = [(o, g) for o, g in zip(outputs, pytree.tree_leaves(grads)) if g is not None and o.requires_grad]
             wanted = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
             found = dict(zip(map(id, wanted), torch.autograd.grad(
-                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) if pairs else []))
+                [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                create_graph=create_graph) if pairs else []))
         return _per_argument(inputs, lambda t: found.get(id(t)))
 
     torch.library.register_autograd(f"bpext::{op_name}", backward, setup_context=setup_context)

@@ -421,3 +421,26 @@ def test_forward_mode_inside_another_derivative_equals_native(layer, transform):
     wd, b = torch.randn(3, 4, dtype=torch.float64, generator=g), torch.randn(4, dtype=torch.float64, generator=g)
     ours, native = (lambda x, f=f: f(x, w, wu, wd, b).square().sum() for f in NESTED[layer])
     torch.testing.assert_close(TRANSFORMS[transform](ours)(x), TRANSFORMS[transform](native)(x))
+
+
+def test_a_backward_op_differentiated_twice_raises_for_a_third_derivative():
+    """Once a silent wrong number: the backward op's vjp cut its inputs' graphs, so a derivative of it
+    lost their dependence; now it keeps them, and what would need a third derivative raises."""
+    g = torch.Generator().manual_seed(0)
+    gy, x, w = (torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_() for shape in ((3, 4), (3, 5),
+                                                                                                  (4, 5)))
+    def ours():
+        s = torch.tanh(F.linear(x, w))
+        return torch.ops.bpext.dense_backward(gy, x, w, s, "tanh", [], [True, True, False])[0]
+
+    def native():
+        s = torch.tanh(F.linear(x, w))
+        return (gy * (1 - s ** 2)) @ w
+
+    (gw,) = torch.autograd.grad(ours().square().sum(), [w], create_graph=True)
+    with pytest.raises(NotImplementedError, match="third derivative"):
+        torch.autograd.grad(gw.sum(), [x])
+    # a derivative of its derivative in gy (no third derivative of tanh) equals native's
+    second = [torch.autograd.grad(torch.autograd.grad(f().square().sum(), [gy], create_graph=True)[0].sum(), [w])
+              for f in (ours, native)]
+    torch.testing.assert_close(*second)
