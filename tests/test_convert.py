@@ -799,3 +799,20 @@ def test_a_forward_rewritten_in_part_computes_what_it_computes(cls):
             assert same(outcome(ours), outcome(native))
     finally:
         FACTOR = ClassAttributeInRun.k = 2.0
+
+
+def test_a_forward_rewritten_in_part_runs_as_it_is_after_a_change():
+    """BART's encoder layer (rewritten in part) with a hook on fc2, then a new fc1: each time its own
+    forward runs, as the native layer changed the same way."""
+    torch.manual_seed(0)
+    native = _WithoutMask(bart().encoder.layers[0]).eval()
+    ours = bpext.convert(copy.deepcopy(native)).eval()
+    x = torch.randn(2, 5, 32)
+    for m in (native, ours):
+        m.layer.fc2.register_forward_hook(lambda module, args, y: y * 2)
+    torch.testing.assert_close(ours(x), native(x))
+    fc1 = nn.Linear(32, 64)
+    for m in (native, ours):
+        m.layer.fc1 = copy.deepcopy(fc1)
+    torch.testing.assert_close(ours(x), native(x))
+    assert bpext.fusions(ours) == {}
