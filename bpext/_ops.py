@@ -144,7 +144,7 @@ def _(grad_y, x, weight_gate, weight_up, weight_down, gate, up, activation, para
             gate.new_empty((out_features,) if output_mask[6] else (0,)))
 
 
-def mlp_keeps_nothing(layer: int, layers: int, activation: str) -> bool:
+def _mlp_keeps_nothing(layer: int, layers: int, activation: str) -> bool:
     """Whether mlp_forward keeps nothing of this layer: the last layer, when its derivative
     reads the output y (which the caller keeps) or nothing. The kernels' mlp_keeps_nothing."""
     return layer == layers - 1 and REGISTRY[activation].saves != "input"
@@ -191,16 +191,26 @@ def _(x, weights, biases, activation, params, output_activation, output_params, 
     saved = []
     for layer, w in enumerate(weights):
         act = output_activation if layer == layers - 1 else activation
-        keeps_nothing = not save or mlp_keeps_nothing(layer, layers, act)
+        keeps_nothing = not save or _mlp_keeps_nothing(layer, layers, act)
         saved.append(x.new_empty((0,) if keeps_nothing else _rows_like(x, w.shape[0])))
     return x.new_empty(_rows_like(x, weights[-1].shape[0])), saved if save else []
 
 
 @torch.library.register_fake("bpext::mlp_backward")
-def _(grad_y, x, y, weights, biases, saved, activation, params, output_activation, output_params, input_grad):
-    _one_device("mlp_backward", grad_y, x, y, weights, biases, saved)
-    return (grad_y.new_empty(x.shape if input_grad else (0,)), [grad_y.new_empty(w.shape) for w in weights],
-            [grad_y.new_empty((w.shape[0],) if b.numel() > 0 else (0,)) for w, b in zip(weights, biases)])
+def _(grad_y, x, y, weights, saved, activation, params, output_activation, output_params, output_mask):
+    _one_device("mlp_backward", grad_y, x, y, weights, saved)
+    n = len(weights)
+    torch._check(len(saved) == n and len(output_mask) == 1 + 2 * n,
+                 lambda: "bpext.mlp_backward: saved must have one tensor per layer and output_mask 1 + 2 * layers entries")
+    # the widths, as the kernel takes them: of x or weights[0], the hidden layers' kept tensors, grad_y
+    first = x.shape[-1] if x is not None else weights[0].shape[1] if weights[0].dim() == 2 else 0
+    widths = [first, *(s.shape[-1] for s in saved[:-1]), grad_y.shape[-1]]
+
+    def asked(i, shape):
+        return grad_y.new_empty(shape if output_mask[i] else (0,))
+
+    return (asked(0, _rows_like(grad_y, widths[0])), [asked(1 + l, (widths[l + 1], widths[l])) for l in range(n)],
+            [asked(1 + n + l, (widths[l + 1],)) for l in range(n)])
 
 
 # ---- vmap rules -------------------------------------------------------------------------------
@@ -382,3 +392,28 @@ def sharding_rules() -> dict:
             "dense_backward": dense_backward, "gated_forward": gated_forward, "gated_backward": gated_backward,
             "gated_mlp_forward": gated_mlp_forward, "gated_mlp_backward": gated_mlp_backward,
             "linear_cross_entropy_forward": loss_forward, "linear_cross_entropy_backward": loss_backward}
+
+
+def _tag_compile_caches() -> None:
+    """torch.compile's caches key a compiled graph by the graph Dynamo traced, where bpext's ops
+    appear by name only; the backward graph that bpext's autograd derives from it is not in the key.
+    A cache written with another bpext would call the ops as that one did (seen: a graph calling
+    mlp_backward with an older schema's arguments). bpext's op schemas and the source of its
+    autograd join the key, so that each bpext compiles its own graphs."""
+    import hashlib
+    import os
+
+    digest = hashlib.sha256()
+    for name in sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("bpext::")):
+        digest.update(str(getattr(torch.ops.bpext, name.removeprefix("bpext::")).default._schema).encode())
+    here = os.path.dirname(__file__)
+    for source in ("_ops.py", "activations.py", "functional.py"):
+        with open(os.path.join(here, source), "rb") as f:
+            digest.update(f.read())
+    tag = f"bpext-{digest.hexdigest()[:16]}"
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current}+{tag}" if current else tag
+
+
+_tag_compile_caches()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 from torch.utils import _pytree as pytree
 
-from ._ops import mlp_keeps_nothing, ops
+from ._ops import ops
 from .activations import ResolvedActivation, resolve, resolve_by_values
 from .tensor_parallel import is_dtensor
 
@@ -367,45 +367,45 @@ def _activation_tangent(z, z_t, act: Act):
     return y, None if z_t is None else _derivative(z_t, _saved_of(act, z, y), act)
 
 
-def _remember_unsaved(ctx, *params) -> None:
-    """Biases are not saved (their backward reads none of them, and a bias edited in place
-    before backward must not fail it, as natively); double backward rebuilds the layer from
-    them, so it checks that they are as they were."""
-    ctx.unsaved = [(t, _version_of(t)) for t in params]
+def _mlp_reads(needs, n: int) -> list[bool]:
+    """Whether an MLP's backward reads weights[l] (it computes the gradient of layer l's input):
+    where something below layer l needs a gradient. ``needs``: x, the weights, the biases. The
+    kernels' MLPGrads::input."""
+    reads, wanted = [], needs[0]
+    for layer in range(n):
+        reads.append(wanted)
+        wanted = wanted or needs[1 + layer] or needs[1 + n + layer]
+    return reads
 
 
-def _version_of(t: torch.Tensor | None) -> int | None:
-    """A bias's version counter; an inference tensor has none (and cannot change outside inference mode)."""
-    return None if t is None or t.is_inference() else t._version
+def _layer_input(kept, act: Act):
+    """A hidden layer's output from what it kept: its y, or act(z)."""
+    return _apply(ActivationFunction, kept, act) if act.saves == "input" else kept
 
 
-def _check_unchanged(ctx) -> None:
-    for t, version in ctx.unsaved:
-        if _version_of(t) != version:
-            raise RuntimeError(
-                "one of the variables needed for gradient computation has been modified by an inplace "
-                "operation: a bias of a bpext layer was changed after forward, and double backward "
-                "(create_graph=True) rebuilds the layer from it")
-
-
-def _stack_grads(grad_y, x, weights, biases, acts, needs):
-    """The gradients of a stack of dense layers, recomputed as a graph of differentiable pieces
-    (double backward, under torch.func too): (grad_x, *grad_weights, *grad_biases), None where
-    ``needs`` (x, the weights, the biases) says no."""
+def _mlp_grads(grad_y, grad_kept, x, y, weights, kept, acts, mask):
+    """The MLP's backward as differentiable pieces, from what mlp_forward kept (mlp_backward computes
+    the same in one op): from grad_y and the gradients sent into the kept tensors (double backward),
+    each None where none -> [grad_x, *grad_weights, *grad_biases], None where ``mask`` (x, the
+    weights, the biases) says no or no gradient reaches. kept[l] is layer l's z where its activation's derivative reads z,
+    else its y; the last layer keeps nothing else (its derivative reads the output y, or nothing)."""
     n = len(weights)
-    inputs, saved = [x], []
-    for w, b, act in zip(weights, biases, acts):
-        z = F.linear(inputs[-1], w, b)
-        y = _apply(ActivationFunction, z, act)
-        saved.append(_saved_of(act, z, y))
-        inputs.append(y)
-    grads = [None] * (2 * n)
+    reads = _mlp_reads(mask, n)
+    grads = [None] * (1 + 2 * n)
     g = grad_y
     for layer in reversed(range(n)):
-        dz = _derivative(g, saved[layer], acts[layer])
-        mask = (layer > 0 or needs[0], needs[1 + layer], needs[1 + n + layer] and biases[layer] is not None)
-        g, grads[layer], grads[n + layer] = _linear_grads(dz, inputs[layer], weights[layer], mask)
-    return [g, *grads]
+        w_asked, b_asked = mask[1 + layer], mask[1 + n + layer]
+        if not (reads[layer] or w_asked or b_asked):
+            break  # nothing is asked of this layer or below it
+        act, into_kept = acts[layer], grad_kept[layer]
+        keeps_z = act.saves == "input"
+        g = _sum([g, None if keeps_z else into_kept])  # a kept y: a gradient of the layer's output
+        saved = None if act.saves == "nothing" else kept[layer] if keeps_z or layer < n - 1 else y
+        dz = _sum([None if g is None else _derivative(g, saved, act), into_kept if keeps_z else None])
+        h = None if not w_asked else x if layer == 0 else _layer_input(kept[layer - 1], acts[layer - 1])
+        g, grads[1 + layer], grads[1 + n + layer] = _linear_grads(dz, h, weights[layer], (reads[layer], w_asked, b_asked))
+    grads[0] = g if mask[0] else None
+    return grads
 
 
 def _op_biases(biases, like) -> list[torch.Tensor]:
@@ -417,93 +417,100 @@ def _layer_biases(biases) -> list[torch.Tensor | None]:
     return [b if b.numel() > 0 else None for b in biases]
 
 
-def _mlp_setup(ctx, x, tensors, hidden: Act, output: Act, y, saved, needs_x, needs_tensors):
-    """What MLPFunction and the mlp_forward op keep: x, the weights, the kept tensors, and the
-    output when the last activation's derivative reads it."""
+def _mlp_setup(ctx, x, tensors, hidden: Act, output: Act, y, kept, needs):
+    """What MLPFunction and the mlp_forward op keep (see MLPFunction). ``needs``: x, the weights, the biases."""
     n = len(tensors) // 2
-    ctx.mark_non_differentiable(*saved)
+    ctx.acts, ctx.needs = (hidden, output), needs
+    ctx.has_bias = [b is not None for b in tensors[n:]]
+    # Differentiable where kept (not under torch.compile, which has no double backward; see _keep_differentiable)
+    ctx.kept_differentiable = not torch.compiler.is_compiling()
+    ctx.mark_non_differentiable(*[k for k in kept if not ctx.kept_differentiable or k.numel() == 0])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
-    ctx.acts, ctx.n_saved, ctx.needs = (hidden, output), len(saved), (needs_x, *needs_tensors)
-    ctx.biases = tensors[n:]
-    _remember_unsaved(ctx, *ctx.biases)
-    y = y if mlp_keeps_nothing(n - 1, n, output.name) and output.saves == "output" else None
-    _save(ctx, (x, y, *tensors[:n], *[None] * n, *saved), (x, y, *tensors, *saved))
+    reads = _mlp_reads(needs, n)
+    y = y if output.saves == "output" else None  # the last layer's derivative reads the output
+    _save(ctx, (x if needs[1] else None, y, *(w if r else None for w, r in zip(tensors[:n], reads)), *[None] * n,
+                *kept), (x, y, *tensors, *kept))
 
 
 def _mlp_saved(ctx):
-    """x, y (or None), the weights, the biases and the kept tensors of an MLP's ctx."""
-    n = len(ctx.biases)
+    """x, y, the weights, the biases and the kept tensors of an MLP's ctx (None where not saved)."""
+    n = len(ctx.has_bias)
     x, y, *rest = ctx.saved_tensors
-    biases = [b if b is not None else ref for b, ref in zip(rest[n:2 * n], ctx.biases)]
-    return x, y, rest[:n], biases, rest[2 * n:]
+    return x, y, rest[:n], rest[n:2 * n], rest[2 * n:]
 
 
-def _mlp_backward(ctx, grad_y):
-    """-> grad_x and the gradients of the weights then the biases (None where not needed)."""
-    x, y, weights, biases, saved = _mlp_saved(ctx)
-    (hidden, output), needs = ctx.acts, ctx.needs
-    # Composed of differentiable pieces under create_graph=True, and under the legacy vmap of
-    # gradcheck's batched-gradient check, which has no fallback for ops returning lists.
-    if _needs_graph(grad_y, x, *weights, *biases) or torch._C._functorch.is_legacy_batchedtensor(grad_y):
-        _check_unchanged(ctx)
-        acts = [hidden] * (len(weights) - 1) + [output]
-        grads = _stack_grads(grad_y, x, weights, biases, acts, needs)
-        return (grads[0] if needs[0] else None), grads[1:]
-    y = y if y is not None else grad_y.new_empty(0)
-    grad_x, grad_w, grad_b = _fused(ops.mlp_backward, grad_y, x, y, list(weights), _op_biases(biases, x), list(saved), hidden.name,
-                                              hidden.params, output.name, output.params, needs[0])
-    grads = [g if need and t is not None else None
-             for g, t, need in zip([*grad_w, *grad_b], [*weights, *biases], needs[1:])]
-    return grad_x if needs[0] else None, grads
+def _mlp_backward(ctx, grad_y, grad_kept) -> list:
+    """-> [grad_x, *grad_weights, *grad_biases] (None where not needed)."""
+    x, y, weights, _, kept = _mlp_saved(ctx)
+    (hidden, output), needs, n = ctx.acts, ctx.needs, len(ctx.has_bias)
+    mask = [bool(needs[0]), *map(bool, needs[1:1 + n]), *(bool(need) and has for need, has in zip(needs[1 + n:], ctx.has_bias))]
+    grad_kept = list(grad_kept) if ctx.kept_differentiable and len(grad_kept) == n else [None] * n
+    into_kept = [g for g in grad_kept if g is not None]
+    if grad_y is None and not into_kept:
+        return [None] * (1 + 2 * n)
+    # Composed of differentiable pieces where gradients reach the kept tensors, under create_graph=True, and
+    # under the legacy vmap of gradcheck's batched-gradient check, which has no fallback for ops returning lists.
+    if into_kept or _needs_graph(grad_y, x, y, *weights, *kept) or torch._C._functorch.is_legacy_batchedtensor(grad_y):
+        grads = _mlp_grads(grad_y, grad_kept, x, y, weights, kept, [hidden] * (n - 1) + [output], mask)
+    else:
+        placeholder = grad_y.new_empty(0)
+        grad_x, grad_w, grad_b = _fused(ops.mlp_backward, grad_y, x, y if y is not None else placeholder,
+                                        [w if w is not None else placeholder for w in weights], list(kept),
+                                        hidden.name, hidden.params, output.name, output.params, mask)
+        grads = [grad_x, *grad_w, *grad_b]
+    return [g if asked else None for g, asked in zip(grads, mask)]
 
 
 def _mlp_jvp(ctx, x_t, tensor_t):
-    x, _, weights, biases, _ = _mlp_saved(ctx)
+    """The tangents of y and of the kept tensors (z or y per layer; none for a last layer keeping nothing)."""
+    x, _, weights, biases, kept = _mlp_saved(ctx)
     hidden, output = ctx.acts
     n = len(weights)
-    h, h_t = x, x_t
+    h, h_t, kept_t = x, x_t, []
     for i in range(n):
+        act = output if i == n - 1 else hidden
         z_t = _linear_tangent(h, weights[i], h_t, tensor_t[i], tensor_t[n + i])
-        h, h_t = _activation_tangent(F.linear(h, weights[i], biases[i]), z_t, output if i == n - 1 else hidden)
-    return (h_t, *[None] * ctx.n_saved)
+        h, h_t = _activation_tangent(F.linear(h, weights[i], biases[i]), z_t, act)
+        kept_t.append(z_t if act.saves == "input" else h_t if i < n - 1 else None)
+    return (h_t, *(kept_t if ctx.kept_differentiable else [None] * n)[:len(kept)])
 
 
 @_eager_twin
 class MLPFunction(Function):
     """A whole multi-layer perceptron: ``output(L_n(...hidden(L_1(x))))`` in one op each way.
 
-    Keeps one tensor per layer (y where the derivative follows from it, else z) plus x and,
-    when the last activation's derivative reads it, the output; backward recomputes act(z)
-    where it needs a layer's input. ``tensors`` are the n_layers weights, then the n_layers
-    biases (None allowed). Returns (y, *kept): the kept tensors are not differentiable."""
+    Keeps one tensor per hidden layer (y where the derivative follows from it, else z) and the
+    last layer's z where its derivative reads z; backward recomputes act(z) where it needs a
+    layer's input. Saves the kept tensors, x only where the first weight needs a gradient, a
+    weight only where something below its layer does, the output where the last activation's
+    derivative reads it; never a bias. ``tensors`` are the n_layers weights, then the n_layers
+    biases (None allowed). Returns (y, *kept): the kept tensors are differentiable outputs, so that
+    double backward reaches the layers through them."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, hidden: Act, output: Act, save: bool, *tensors):
         n = len(tensors) // 2
-        y, saved = ops.mlp_forward(x, list(tensors[:n]), _op_biases(tensors[n:], x), hidden.name, hidden.params,
-                                   output.name,
-                                   output.params, save)
-        return (y, *saved)
+        y, kept = ops.mlp_forward(x, list(tensors[:n]), _op_biases(tensors[n:], x), hidden.name, hidden.params,
+                                  output.name, output.params, save)
+        return (y, *kept)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, hidden, out_act, _, *tensors = inputs
-        y, *saved = output
+        y, *kept = output
         needs = ctx.needs_input_grad
-        _mlp_setup(ctx, x, tensors, hidden, out_act, y, saved, needs[0], needs[len(inputs) - len(tensors):])
+        _mlp_setup(ctx, x, tensors, hidden, out_act, y, kept, (needs[0], *needs[len(inputs) - len(tensors):]))
 
     @staticmethod
-    def backward(ctx, grad_y, *_):
-        if grad_y is None:  # only the kept tensors reached the loss: they are not differentiable
-            return (None,) * (4 + 2 * len(ctx.biases))
-        grad_x, grads = _mlp_backward(ctx, grad_y)
+    def backward(ctx, grad_y, *grad_kept):
+        grad_x, *grads = _mlp_backward(ctx, grad_y, grad_kept)
         return (grad_x, None, None, None, *grads)
 
     @staticmethod
     def jvp(ctx, x_t, *tangents):
-        return _mlp_jvp(ctx, x_t, tangents[len(tangents) - 2 * len(ctx.biases):])  # the tensors' tangents
+        return _mlp_jvp(ctx, x_t, tangents[len(tangents) - 2 * len(ctx.has_bias):])  # the tensors' tangents
 
 
 def _gated_grads(grad_h, x, weight_gate, weight_up, gate, up, act: Act, mask, grad_gate=None, grad_up=None):
@@ -718,8 +725,7 @@ def _mlp_op_setup_context(ctx, inputs, output):
     needs = ctx.needs_input_grad  # lists arrive flattened: x, the weights, the biases, ...
     ctx.op_args = inputs
     _mlp_setup(ctx, x, tensors, resolve_by_values(activation, tuple(params)),
-               resolve_by_values(output_activation, tuple(output_params)), y, saved, needs[0],
-               needs[1:1 + len(tensors)])
+               resolve_by_values(output_activation, tuple(output_params)), y, saved, needs[:1 + len(tensors)])
 
 
 def _per_argument(inputs: tuple, grad_of) -> tuple:
@@ -731,14 +737,13 @@ def _per_argument(inputs: tuple, grad_of) -> tuple:
         for a in inputs)
 
 
-def _mlp_op_backward(ctx, grad_y, _):
+def _mlp_op_backward(ctx, grad_y, grad_kept):
     """By position: x, the weights, the biases (a tensor passed twice gets each place's gradient,
     which autograd adds up), then None for each argument that is not a tensor."""
     out = list(_per_argument(ctx.op_args, lambda t: None))
-    if grad_y is not None:
-        grad_x, grads = _mlp_backward(ctx, grad_y)
-        n = len(ctx.biases)
-        out[:3] = grad_x, list(grads[:n]), list(grads[n:])
+    grad_x, *grads = _mlp_backward(ctx, grad_y, grad_kept if grad_kept is not None else ())
+    n = len(ctx.has_bias)
+    out[:3] = grad_x, list(grads[:n]), list(grads[n:])
     return tuple(out)
 
 
@@ -762,21 +767,11 @@ def _gated_mlp_backward_definition(grad_y, x, weight_gate, weight_up, weight_dow
     return _placeholders(_gated_mlp_grads(grad_y, x, weight_gate, weight_up, weight_down, gate, up, act, mask), grad_y)
 
 
-def _mlp_backward_definition(grad_y, x, y, weights, biases, saved, activation, params, output_activation,
-                             output_params, input_grad):
+def _mlp_backward_definition(grad_y, x, y, weights, saved, activation, params, output_activation, output_params,
+                             mask):
+    grads = _mlp_grads_op(grad_y, [], x, y, weights, saved, activation, params, output_activation, output_params, mask)
     n = len(weights)
-    acts = [resolve_by_values(activation, tuple(params))] * (n - 1) + [
-        resolve_by_values(output_activation, tuple(output_params))]
-    # What each layer's derivative reads, and each layer's input, from what mlp_forward kept.
-    reads = [y if mlp_keeps_nothing(i, n, acts[i].name) else saved[i] for i in range(n)]
-    biases = _layer_biases(biases)
-    inputs = [x] + [_apply(ActivationFunction, s, acts[0]) if acts[0].saves == "input" else s for s in saved[:-1]]
-    grads_w, grads_b, g = [None] * n, [None] * n, grad_y
-    for i in reversed(range(n)):
-        dz = _derivative(g, reads[i], acts[i])
-        g, grads_w[i], grads_b[i] = _linear_grads(dz, inputs[i], weights[i], (i > 0 or input_grad, True,
-                                                                             biases[i] is not None))
-    return _placeholders((g,), grad_y)[0], grads_w, _placeholders(grads_b, grad_y)
+    return grads[0], grads[1:1 + n], grads[1 + n:]
 
 
 def _placeholders(grads, like):
@@ -851,8 +846,8 @@ torch.library.register_autograd("bpext::mlp_forward", _mlp_op_backward, setup_co
 _library = torch.library.Library("bpext", "FRAGMENT")
 _library.define("dense_grads(Tensor? grad_y, Tensor? grad_preact, Tensor? x, Tensor? weight, Tensor? saved, "
                 "str activation, float[] params, bool[3] mask) -> (Tensor, Tensor, Tensor)")
-_library.define("mlp_grads(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, str activation, float[] params, "
-                "str output_activation, float[] output_params, int[] needs) -> Tensor[]")
+_library.define("mlp_grads(Tensor? grad_y, Tensor[] grad_kept, Tensor? x, Tensor y, Tensor[] weights, Tensor[] saved, "
+                "str activation, float[] params, str output_activation, float[] output_params, bool[] mask) -> Tensor[]")
 
 
 def _dense_grads_op(grad_y, grad_preact, x, weight, saved, activation, params, mask):
@@ -863,12 +858,18 @@ def _dense_grads_op(grad_y, grad_preact, x, weight, saved, activation, params, m
                          grad_y if grad_y is not None else grad_preact)
 
 
-def _mlp_grads_op(grad_y, x, weights, biases, activation, params, output_activation, output_params, needs):
-    """_stack_grads: [grad_x, *grad_weights, *grad_biases], (0) where needs (x, the weights, the biases) says no."""
-    acts = [resolve_by_values(activation, tuple(params))] * (len(weights) - 1) + [
+def _mlp_grads_op(grad_y, grad_kept, x, y, weights, saved, activation, params, output_activation, output_params,
+                  mask):
+    """_mlp_grads: [grad_x, *grad_weights, *grad_biases], (0) where mask (x, the weights, the biases) says no or
+    no gradient reaches.
+    The op's lists hold (0) for what is not there: grad_kept may be empty or (0) where a kept tensor
+    gets no gradient, weights (0) where unread, y (0) where the last derivative does not read it."""
+    n = len(weights)
+    acts = [resolve_by_values(activation, tuple(params))] * (n - 1) + [
         resolve_by_values(output_activation, tuple(output_params))]
-    return list(_placeholders(_stack_grads(grad_y, x, list(weights), _layer_biases(biases), acts, list(map(bool, needs))),
-                              grad_y))
+    grad_kept = [None if g.shape == (0,) else g for g in grad_kept] or [None] * n
+    like = next(g for g in (grad_y, *grad_kept) if g is not None)
+    return list(_placeholders(_mlp_grads(grad_y, grad_kept, x, y, list(weights), list(saved), acts, list(mask)), like))
 
 
 for _name, _fn in (("dense_grads", _dense_grads_op), ("mlp_grads", _mlp_grads_op)):

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "bpext/backend.h"
 #include "bpext/checks.h"
 #include "bpext/config.h"
 
@@ -55,12 +56,12 @@ const auto& mlp_forward_op() {
 }
 const auto& mlp_backward_op() {
   static const auto op = find_op<std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::TensorList,
-      c10::string_view, Params, c10::string_view, Params, bool)>("bpext::mlp_backward");
+      const at::Tensor&, const OptionalTensor&, const at::Tensor&, at::TensorList, at::TensorList, c10::string_view,
+      Params, c10::string_view, Params, const c10::List<bool>&)>("bpext::mlp_backward");
   return op;
 }
 // The layers' backward as differentiable pieces, for double backward: defined once, in Python
-// (bpext/functional.py, _dense_grads and _stack_grads, registered as CompositeImplicitAutograd ops),
+// (bpext/functional.py, _dense_grads and _mlp_grads, registered as CompositeImplicitAutograd ops),
 // so their formulas are those of every other path. (0) where not asked for.
 const auto& dense_grads_op() {
   static const auto op = find_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -69,9 +70,9 @@ const auto& dense_grads_op() {
   return op;
 }
 const auto& mlp_grads_op() {
-  static const auto op = find_op<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, at::TensorList,
-                                                         at::TensorList, c10::string_view, Params, c10::string_view,
-                                                         Params, at::IntArrayRef)>("bpext::mlp_grads");
+  static const auto op = find_op<std::vector<at::Tensor>(
+      const OptionalTensor&, at::TensorList, const OptionalTensor&, const at::Tensor&, at::TensorList, at::TensorList,
+      c10::string_view, Params, c10::string_view, Params, const c10::List<bool>&)>("bpext::mlp_grads");
   return op;
 }
 const auto& activation_forward_op() {
@@ -191,83 +192,103 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& weight, const OptionalTe
 // A bias of the mlp ops: (0) stands for none (sizes may be symbolic, under torch.compile's tracing).
 bool is_bias(const at::Tensor& bias) { return bias.sym_numel() != 0; }
 
-// A bias's version counter, which double backward checks; an inference tensor has none (and
-// cannot be changed in place outside inference mode), nor has the (0) that stands for no bias.
-int64_t version_of(const at::Tensor& bias) { return bias.is_inference() || !is_bias(bias) ? -1 : bias._version(); }
+// A tensor of a list the mlp ops take, (0) where it is undefined.
+std::vector<at::Tensor> or_placeholders(at::ArrayRef<at::Tensor> list, const at::Tensor& like) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : list) out.push_back(t.defined() ? t : like.new_empty({0}));
+  return out;
+}
+
+c10::List<bool> bool_list(const std::vector<bool>& bits) {
+  c10::List<bool> list;
+  for (const bool b : bits) list.push_back(b);
+  return list;
+}
 
 struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
-  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or (0) -> y: (*, W[L]), then the kept
-  // tensors (one per layer when `save`, not differentiable). Saves x, the weights, the kept
-  // tensors and y where the last activation's derivative reads it; the biases are only
-  // remembered (backward does not read them; double backward rebuilds the layers from them).
+  // x: (*, W0), weights[l]: (W[l+1], W[l]), biases[l]: (W[l+1]) or (0) -> y: (*, W[L]), then the tensors
+  // kept for backward (one per layer, (0) for a last layer that keeps nothing). The kept tensors are
+  // differentiable outputs, so that double backward reaches the layers through them, as native's graph
+  // does through its activations. Saves x only where weights[0] needs a gradient, weights[l] only
+  // where something below layer l does (MLPGrads), the kept tensors, and y where the last
+  // activation's derivative reads it; never a bias (backward reads none).
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList weights,
                                at::TensorList biases, c10::string_view activation, Params params,
-                               c10::string_view output_activation, Params output_params, bool save) {
+                               c10::string_view output_activation, Params output_params) {
     at::Tensor y;
     std::vector<at::Tensor> kept;
     {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(y, kept) =
-          mlp_forward_op().call(x, weights, biases, activation, params, output_activation, output_params, save);
+          mlp_forward_op().call(x, weights, biases, activation, params, output_activation, output_params, true);
     }
-    variable_list to_save{x, find_activation(output_activation)->saves == Saves::kOutput ? y : at::Tensor()};
-    to_save.insert(to_save.end(), weights.begin(), weights.end());
+    const size_t n = weights.size();
+    std::vector<bool> tracked{x.requires_grad()};
+    for (const at::Tensor& w : weights) tracked.push_back(w.requires_grad());
+    for (const at::Tensor& b : biases) tracked.push_back(is_bias(b) && b.requires_grad());
+    const MLPGrads reads(tracked, n);
+    variable_list to_save{reads.weight[0] ? x : at::Tensor(),
+                          find_activation(output_activation)->saves == Saves::kOutput ? y : at::Tensor()};
+    for (size_t l = 0; l < n; ++l) to_save.push_back(reads.input[l] ? weights[l] : at::Tensor());
     to_save.insert(to_save.end(), kept.begin(), kept.end());
     ctx->save_for_backward(to_save);
-    std::vector<int64_t> versions;
-    for (const at::Tensor& b : biases) versions.push_back(version_of(b));
-    ctx->saved_data["biases"] = biases.vec();
-    ctx->saved_data["bias_versions"] = versions;
+    std::vector<int64_t> has_bias;
+    for (const at::Tensor& b : biases) has_bias.push_back(is_bias(b));
+    ctx->saved_data["has_bias"] = has_bias;
     SavedActivation::store(ctx, "hidden", activation, params);
     SavedActivation::store(ctx, "output", output_activation, output_params);
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable(kept);
+    for (const at::Tensor& k : kept) {
+      if (k.sym_numel() == 0) ctx->mark_non_differentiable({k});  // (0): nothing kept; or no rows
+    }
     variable_list outputs{y};
     outputs.insert(outputs.end(), kept.begin(), kept.end());
     return outputs;
   }
 
-  // grad_y: (*, W[L]) (the kept tensors get none) -> grad_x, grad_weights, grad_biases, where needed
+  // grad_y: (*, W[L]), then gradients of the kept tensors (double backward sends them), any undefined
+  //   -> grad_x, grad_weights, grad_biases, where needed
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const std::vector<at::Tensor> biases = ctx->saved_data["biases"].toTensorVector();
-    const size_t n = biases.size();
-    variable_list out(1 + 2 * n + 5);  // x, the weights, the biases, then 5 arguments that are not tensors
+    const std::vector<int64_t> has_bias = ctx->saved_data["has_bias"].toIntVector();
+    const size_t n = has_bias.size();
+    variable_list out(1 + 2 * n + 4);  // x, the weights, the biases, then 4 arguments that are not tensors
     const at::Tensor& grad_y = grads[0];
-    if (!grad_y.defined()) return out;
+    const std::vector<at::Tensor> grad_kept(grads.begin() + 1, grads.end());
+    const bool into_kept = std::any_of(grad_kept.begin(), grad_kept.end(), [](const at::Tensor& g) { return g.defined(); });
+    if (!grad_y.defined() && !into_kept) return out;
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &y = saved[1];
     const std::vector<at::Tensor> weights(saved.begin() + 2, saved.begin() + 2 + n);
     const std::vector<at::Tensor> kept(saved.begin() + 2 + n, saved.end());
     const SavedActivation hidden = SavedActivation::load(ctx, "hidden"), output = SavedActivation::load(ctx, "output");
-    std::vector<bool> needs(1 + 2 * n);
-    for (size_t i = 0; i < needs.size(); ++i) needs[i] = ctx->needs_input_grad(i);
-    if (at::GradMode::is_enabled() || at::isBatchedTensor(grad_y)) {
-      const std::vector<int64_t> versions = ctx->saved_data["bias_versions"].toIntVector();
-      for (size_t l = 0; l < n; ++l) {
-        TORCH_CHECK(version_of(biases[l]) == versions[l],
-                    "one of the variables needed for gradient computation has been modified by an inplace "
-                    "operation: a bias of a bpext layer was changed after forward, and double backward "
-                    "(create_graph=True) rebuilds the layer from it");
-      }
-      // The layers rebuilt from x, as differentiable pieces (also for gradcheck's legacy vmap, which has
-      // no fallback for the fused op's lists).
-      std::vector<int64_t> wanted(needs.begin(), needs.end());  // x, the weights, the biases: 1 where asked for
-      for (size_t l = 0; l < n; ++l) wanted[1 + n + l] = needs[1 + n + l] && is_bias(biases[l]);
-      const std::vector<at::Tensor> grads_in =
-          mlp_grads_op().call(grad_y, x, weights, biases, hidden.name, hidden.params, output.name, output.params, wanted);
-      for (size_t i = 0; i < grads_in.size(); ++i) {
-        if (wanted[i]) out[i] = grads_in[i];
-      }
-      return out;
+    std::vector<bool> mask(1 + 2 * n);  // x, the weights, the biases
+    for (size_t i = 0; i < mask.size(); ++i) mask[i] = ctx->needs_input_grad(i) && (i <= n || has_bias[i - 1 - n]);
+    at::Tensor out_x;
+    std::vector<at::Tensor> out_weights, out_biases;
+    if (at::GradMode::is_enabled() || at::isBatchedTensor(grad_y) || into_kept) {
+      // Double backward, or gradients sent into the kept tensors: differentiable pieces (also for
+      // gradcheck's legacy vmap, which has no fallback for the fused op's lists).
+      const at::Tensor& like = grad_y.defined() ? grad_y : *std::find_if(grad_kept.begin(), grad_kept.end(),
+                                                                         [](const at::Tensor& g) { return g.defined(); });
+      const std::vector<at::Tensor> grads_in = mlp_grads_op().call(
+          defined_or_none(grad_y), or_placeholders(grad_kept, like), defined_or_none(x), y.defined() ? y : like.new_empty({0}),
+          or_placeholders(weights, like), kept, hidden.name, hidden.params, output.name, output.params,
+          bool_list(mask));
+      std::vector<at::Tensor> got;  // (0): no gradient reached (grad_y undefined, and no kept tensor above)
+      for (const at::Tensor& g : grads_in) got.push_back(g.dim() == 1 && g.sym_numel() == 0 ? at::Tensor() : g);
+      out_x = got[0];
+      out_weights.assign(got.begin() + 1, got.begin() + 1 + n);
+      out_biases.assign(got.begin() + 1 + n, got.end());
+    } else {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out_x, out_weights, out_biases) = mlp_backward_op().call(
+          grad_y, defined_or_none(x), y.defined() ? y : grad_y.new_empty({0}), or_placeholders(weights, grad_y), kept,
+          hidden.name, hidden.params, output.name, output.params, bool_list(mask));
     }
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_x, grad_weights, grad_biases] =
-        mlp_backward_op().call(grad_y, x, y.defined() ? y : at::empty({0}, grad_y.options()), weights, biases, kept,
-                               hidden.name, hidden.params, output.name, output.params, needs[0]);
-    if (needs[0]) out[0] = grad_x;
+    if (mask[0]) out[0] = out_x;
     for (size_t l = 0; l < n; ++l) {
-      if (needs[1 + l]) out[1 + l] = grad_weights[l];
-      if (needs[1 + n + l] && is_bias(biases[l])) out[1 + n + l] = grad_biases[l];
+      if (mask[1 + l]) out[1 + l] = out_weights[l];
+      if (mask[1 + n + l]) out[1 + n + l] = out_biases[l];
     }
     return out;
   }
@@ -288,7 +309,7 @@ at::Tensor mlp(const at::Tensor& x, at::TensorList weights, at::TensorList biase
     return std::get<0>(
         mlp_forward_op().call(x, weights, biases, activation, params, output_activation, output_params, false));
   }
-  return MLPAutograd::apply(x, weights, biases, activation, params, output_activation, output_params, true)[0];
+  return MLPAutograd::apply(x, weights, biases, activation, params, output_activation, output_params)[0];
 }
 
 // Under torch.autocast the layers compute in the autocast dtype, as nn.Linear does (float64 and

@@ -484,21 +484,53 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward(const at::Tensor& x,
   return {y, saved};
 }
 
-// grad_y: (*, W[L]) -> grad_x: (*, W0) (or (0) unless input_grad), grad_weights[l], grad_biases[l] ((0) without bias)
+bool is_weight(const at::Tensor& t) { return t.dim() == 2; }  // else the (0) that stands for an unread one
+
+// grad_y: (*, W[L]); x: (*, W0), read for grad_weights[0]; y: the output, read where the last layer's
+// derivative reads it; weights[l]: (W[l+1], W[l]), read where a gradient below layer l is asked for, else
+// (0) may stand for it; saved: what mlp_forward kept
+//   -> grad_x: (*, W0), grad_weights[l], grad_biases[l]: (W[l+1]); each (0) unless output_mask asks for it
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_backward(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& y, at::TensorList weights,
-    at::TensorList biases, at::TensorList saved, c10::string_view activation,
-    at::ArrayRef<double> params, c10::string_view output_activation, at::ArrayRef<double> output_params,
-    bool input_grad) {
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& x, const at::Tensor& y, at::TensorList weights,
+    at::TensorList saved, c10::string_view activation, at::ArrayRef<double> params,
+    c10::string_view output_activation, at::ArrayRef<double> output_params, const c10::List<bool>& output_mask) {
   constexpr const char* op = "bpext.mlp_backward";
-  const std::vector<at::Tensor> bias = check_mlp_args(x, weights, biases, op);
-  const Network net = parse_network(activation, params, output_activation, output_params, x.scalar_type(), op);
   const size_t layers = weights.size();
-  const auto out_shape = with_last_dim(x.sizes(), weights.back().size(0));
-  check_same_dtype_device(x, grad_y, op, "x", "grad_y");
-  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(out_shape), op, ": grad_y must have shape ", show(out_shape),
-              " (x's leading dims, the last layer's width), got ", show(grad_y.sizes()));
+  check_floating(grad_y, op, "grad_y");
+  TORCH_CHECK(grad_y.dim() >= 1, op, ": grad_y must have at least 1 dimension (*, out_features), got a 0-D tensor");
+  TORCH_CHECK(layers > 0, op, ": weights must hold at least one layer");
   TORCH_CHECK(saved.size() == layers, op, ": saved must have one tensor per layer, as mlp_forward returns");
+  TORCH_CHECK(output_mask.size() == 1 + 2 * layers, op,
+              ": output_mask must have 1 + 2 * layers entries (grad_x, then the weights', then the biases')");
+  const Network net = parse_network(activation, params, output_activation, output_params, grad_y.scalar_type(), op);
+  const MLPGrads wants(output_mask.vec(), layers);
+  auto name = [](const char* list, size_t l) { return std::string(list) + "[" + show(static_cast<int64_t>(l)) + "]"; };
+  // The widths: W[L] from grad_y, a hidden layer's from what it kept, W[0] from x or weights[0].
+  std::vector<int64_t> widths(layers + 1);
+  widths[layers] = grad_y.size(-1);
+  for (size_t l = 0; l + 1 < layers; ++l) {
+    TORCH_CHECK(saved[l].dim() == grad_y.dim(), op, ": ", name("saved", l), " must have shape (*, W) with grad_y's "
+                "leading dims, as mlp_forward returns it, got ", show(saved[l].sizes()));
+    widths[l + 1] = saved[l].size(-1);
+  }
+  widths[0] = x.has_value() ? x->size(-1) : is_weight(weights[0]) ? weights[0].size(1) : 0;
+  auto rows_shape = [&](size_t l) { return with_last_dim(grad_y.sizes(), widths[l]); };
+  TORCH_CHECK(x.has_value() || !wants.weight[0], op, ": x is read for grad_weights[0]");
+  if (x.has_value()) {
+    check_same_dtype_device(grad_y, *x, op, "grad_y", "x");
+    TORCH_CHECK(x->sizes() == at::IntArrayRef(rows_shape(0)), op, ": x must have shape ", show(rows_shape(0)),
+                " (grad_y's leading dims), got ", show(x->sizes()));
+  }
+  for (size_t l = 0; l < layers; ++l) {
+    const std::string w = name("weights", l);
+    TORCH_CHECK(is_weight(weights[l]) || !wants.input[l], op, ": ", w, " is read for the gradient of layer ",
+                show(static_cast<int64_t>(l)), "'s input, which output_mask asks for");
+    if (!is_weight(weights[l])) continue;
+    check_same_dtype_device(grad_y, weights[l], op, "grad_y", w.c_str());
+    TORCH_CHECK(weights[l].size(0) == widths[l + 1] && weights[l].size(1) == widths[l], op, ": ", w,
+                " must have shape ", show(at::IntArrayRef{widths[l + 1], widths[l]}), ", got ",
+                show(weights[l].sizes()));
+  }
   // What each layer's backward reads: its saved tensor, or the output y for the last layer.
   std::vector<at::Tensor> state2(layers);
   for (size_t l = 0; l < layers; ++l) {
@@ -506,49 +538,47 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> mlp_bac
     const bool from_y = mlp_keeps_nothing(l, layers, act);
     if (from_y && act.saves() == Saves::kNothing) continue;  // the last layer is linear: nothing to read
     const at::Tensor& s = from_y ? y : saved[l];
-    const std::string what = from_y ? "y" : "saved[" + show(static_cast<int64_t>(l)) + "]";
-    check_same_dtype_device(x, s, op, "x", what.c_str());
-    const auto shape = with_last_dim(x.sizes(), weights[l].size(0));
-    TORCH_CHECK(s.sizes() == at::IntArrayRef(shape), op, ": ", what, " must have shape ", show(shape),
-                " as mlp_forward returns it, got ", show(s.sizes()));
+    const std::string what = from_y ? "y" : name("saved", l);
+    check_same_dtype_device(grad_y, s, op, "grad_y", what.c_str());
+    TORCH_CHECK(s.sizes() == at::IntArrayRef(rows_shape(l + 1)), op, ": ", what, " must have shape ",
+                show(rows_shape(l + 1)), " as mlp_forward returns it, got ", show(s.sizes()));
     state2[l] = contiguous_rows(s);
   }
-  const c10::OptionalDeviceGuard guard(x.device());
-  const Backend& backend = backend_for(x.device().type());
-  const at::Tensor x2 = as_rows(x);
-  const at::Tensor g2 = contiguous_rows(grad_y);
-  at::Tensor grad_x = input_grad ? at::empty(x.sizes(), x.options()) : empty0(x);
-  std::vector<at::Tensor> grad_weights, grad_biases;
+  const at::TensorOptions options = grad_y.options();
+  at::Tensor grad_x = wants.input[0] ? at::empty(rows_shape(0), options) : empty0(grad_y);
+  std::vector<at::Tensor> grad_weights, grad_biases, weight_out, bias_out, read_weights;  // *_out: undefined unless asked
   for (size_t l = 0; l < layers; ++l) {
-    grad_weights.push_back(at::empty(weights[l].sizes(), x.options()));
-    grad_biases.push_back(bias[l].defined() ? at::empty({weights[l].size(0)}, x.options()) : empty0(x));
+    grad_weights.push_back(wants.weight[l] ? at::empty({widths[l + 1], widths[l]}, options) : empty0(grad_y));
+    grad_biases.push_back(wants.bias[l] ? at::empty({widths[l + 1]}, options) : empty0(grad_y));
+    weight_out.push_back(wants.weight[l] ? grad_weights[l] : at::Tensor());
+    bias_out.push_back(wants.bias[l] ? grad_biases[l] : at::Tensor());
+    read_weights.push_back(wants.input[l] ? weights[l] : at::Tensor());
   }
-  std::vector<at::Tensor> grad_bias_out;  // undefined where a layer has no bias
-  for (size_t l = 0; l < layers; ++l) grad_bias_out.push_back(bias[l].defined() ? grad_biases[l] : at::Tensor());
-  const at::Tensor grad_x2 = input_grad ? rows_view(grad_x) : at::Tensor();
+  if (!wants.input[layers]) return {grad_x, grad_weights, grad_biases};  // nothing asked for
+  const c10::OptionalDeviceGuard guard(grad_y.device());
+  const Backend& backend = backend_for(grad_y.device().type());
+  const at::Tensor x2 = wants.weight[0] ? as_rows(*x) : at::Tensor();
+  const at::Tensor g2 = contiguous_rows(grad_y);
+  const at::Tensor grad_x2 = wants.input[0] ? rows_view(grad_x) : at::Tensor();
   if (backend.mlp_backward &&
-      backend.mlp_backward(net, g2, x2, weights, bias, state2, grad_x2, grad_weights,
-                           grad_bias_out)) {
+      backend.mlp_backward(net, widths, g2, x2, read_weights, state2, grad_x2, weight_out, bias_out)) {
     return {grad_x, grad_weights, grad_biases};
   }
-  // Layer by layer, from the last: the input of layer l is x, the previous layer's kept y,
-  // or act(z) recomputed from its kept z.
+  // Layer by layer, from the last down to the lowest that anything is asked of: the input of
+  // layer l is x, the previous layer's kept y, or act(z) recomputed from its kept z.
   at::Tensor g = g2;
-  for (size_t l = layers; l-- > 0;) {
-    const ActivationArg& act = net.of(l, layers);
-    at::Tensor a = x2;
-    if (l > 0) {
-      a = state2[l - 1];
-      if (mlp_keeps_z(net.hidden)) {
+  for (size_t l = layers; l-- > 0 && wants.input[l + 1];) {
+    const at::Tensor dz = dense_dz(backend, net.of(l, layers), g, state2[l], bias_out[l]);
+    if (wants.weight[l]) {
+      at::Tensor a = l == 0 ? x2 : state2[l - 1];
+      if (l > 0 && mlp_keeps_z(net.hidden)) {
         a = at::empty_like(state2[l - 1]);
         if (a.numel() > 0) backend.activation_forward(net.hidden, state2[l - 1], a);
       }
+      at::mm_out(grad_weights[l], dz.t(), a);
     }
-    const bool wants_grad_in = l > 0 || input_grad;
-    const at::Tensor dz = dense_dz(backend, act, g, state2[l], grad_bias_out[l]);
-    at::mm_out(grad_weights[l], dz.t(), a);
-    if (!wants_grad_in) break;
-    at::Tensor g_in = l == 0 ? grad_x2 : at::empty({g.size(0), weights[l].size(1)}, x.options());
+    if (!wants.input[l]) break;
+    at::Tensor g_in = l == 0 ? grad_x2 : at::empty({g.size(0), widths[l]}, options);
     at::mm_out(g_in, dz, weights[l]);
     g = g_in;
   }

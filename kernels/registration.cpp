@@ -72,10 +72,13 @@ void define_ops(torch::Library& m) {
   m.def(
       "mlp(Tensor x, Tensor[] weights, Tensor[] biases, str activation, float[] params, str output_activation, "
       "float[] output_params) -> Tensor");
-  // -> grad_x: (*, W0) or (0) unless input_grad, grad_weights[l], grad_biases[l] ((0) for a layer without bias)
+  // grad_y: (*, OUT); x read for grad_weights[0]; y where the last layer's derivative reads it; weights[l]
+  // where a gradient below layer l is asked for ((0) may stand for it elsewhere); saved as mlp_forward
+  // returns it; output_mask: grad_x, the weights', the biases'
+  //   -> grad_x: (*, W0), grad_weights[l], grad_biases[l]; each (0) unless output_mask asks for it
   m.def(
-      "mlp_backward(Tensor grad_y, Tensor x, Tensor y, Tensor[] weights, Tensor[] biases, Tensor[] saved, "
-      "str activation, float[] params, str output_activation, float[] output_params, bool input_grad) "
+      "mlp_backward(Tensor grad_y, Tensor? x, Tensor y, Tensor[] weights, Tensor[] saved, str activation, "
+      "float[] params, str output_activation, float[] output_params, bool[] output_mask) "
       "-> (Tensor, Tensor[], Tensor[])");
 
   // The last dense layer with its cross-entropy loss, the (N, V) logits never whole (kernels/ops.cpp).

@@ -262,6 +262,113 @@ def test_gated_double_backward_through_the_kept_pre_activations(kind, needs):
     torch.testing.assert_close(*hessians)
 
 
+# The MLP keeps one tensor per layer, x only where the first weight needs a gradient and a weight
+# only where something below its layer does; double backward reaches the layers through the kept tensors.
+
+MLP_ACTS = {"gelu keeps z": ("gelu", "gelu"), "relu keeps y": ("relu", "sigmoid"), "tanh, linear out": ("tanh", "identity")}
+_NATIVE_ACTS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda t: t}
+
+
+def _mlp_fns(acts):
+    hidden, output = acts
+
+    def ours(x, w0, b0, w1, b1, w2, b2):
+        return B.mlp(x, [w0, w1, w2], [b0, b1, b2], hidden, output)
+
+    def op(x, w0, b0, w1, b1, w2, b2):  # the op's registered autograd (torch.compile's and export's path)
+        return torch.ops.bpext.mlp_forward(x, [w0, w1, w2], [b0, b1, b2], hidden, [], output, [], True)[0]
+
+    def native(x, w0, b0, w1, b1, w2, b2):
+        act, out = _NATIVE_ACTS[hidden], _NATIVE_ACTS[output]
+        return out(F.linear(act(F.linear(act(F.linear(x, w0, b0)), w1, b1)), w2, b2))
+    return {"bpext.mlp": ours, "mlp_forward op": op, "native": native}
+
+
+# what needs a gradient -> what no gradient reads (native tolerates editing it in place after forward)
+MLP_NEEDS = {"x": ([0], [0]), "weights": ([1, 2, 3, 4, 5, 6], [1]), "last layer": ([5, 6], [0, 1, 3]),
+             "middle bias": ([4], [0, 1, 3]), "all": ([0, 1, 2, 3, 4, 5, 6], [])}
+
+
+def _mlp_inputs(needs):
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, 4), (6, 4), (6,), (5, 6), (5,), (3, 5), (3,))
+    inputs = [torch.randn(*shape, dtype=torch.float64, generator=g) for shape in shapes]
+    wanted = MLP_NEEDS[needs][0]
+    for i in wanted:
+        inputs[i].requires_grad_()
+    return inputs, [inputs[i] for i in wanted]
+
+
+@pytest.mark.parametrize("needs", [n for n in MLP_NEEDS if MLP_NEEDS[n][1]])
+@pytest.mark.parametrize("acts", MLP_ACTS.values(), ids=MLP_ACTS.keys())
+def test_mlp_keeps_only_what_its_gradients_read(acts, needs):
+    """x and the weights are not kept where no gradient reads them, so an in-place edit after
+    forward that native tolerates gives native's gradients (it raised before, on both paths)."""
+    edit = MLP_NEEDS[needs][1]
+    fns = _mlp_fns(acts)
+    for name in ("bpext.mlp", "mlp_forward op"):
+        inputs, _ = _mlp_inputs(needs)
+        copies = [t * 1 for t in inputs]
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
+            fns[name](*copies)
+        assert not {copies[i].data_ptr() for i in edit} & set(kept), name
+    results = {}
+    for name, fn in fns.items():
+        inputs, wanted = _mlp_inputs(needs)
+        copies = [t * 1 for t in inputs]  # the tensors forward sees, edited after it
+        y = fn(*copies)
+        with torch.no_grad():
+            for i in edit:
+                copies[i].add_(1.0)
+        results[name] = _grads(y.square().sum(), wanted)
+    for name in ("bpext.mlp", "mlp_forward op"):
+        for ours, ref in zip(results[name], results["native"]):
+            torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("loss", ["sum", "square"])  # sum: the first gradients do not depend on y
+@pytest.mark.parametrize("needs", MLP_NEEDS)
+@pytest.mark.parametrize("acts", MLP_ACTS.values(), ids=MLP_ACTS.keys())
+def test_mlp_double_backward_through_the_kept_tensors(acts, needs, loss):
+    fns = _mlp_fns(acts)
+    inputs, wanted = _mlp_inputs(needs)
+    positions = [i for i, t in enumerate(inputs) if t.requires_grad]
+    reduce = (lambda y: y.sum()) if loss == "sum" else (lambda y: y.square().sum())
+
+    def first(fn):
+        grads = torch.autograd.grad(reduce(fn(*inputs)), wanted, create_graph=True)
+        total = sum((g * g).sum() for g in grads)
+        if not total.requires_grad:  # the first gradients are constants (the last layer's, of a linear loss)
+            return [torch.zeros_like(t) for t in wanted]
+        return [g if g is not None else torch.zeros_like(t)
+                for g, t in zip(torch.autograd.grad(total, wanted, allow_unused=True), wanted)]
+    expected = first(fns["native"])
+    for name in ("bpext.mlp", "mlp_forward op"):
+        for ours, ref in zip(first(fns[name]), expected):
+            torch.testing.assert_close(ours, ref, msg=name)
+    if loss == "square":
+        def of(f):
+            return lambda *ts: f(*[ts[positions.index(i)] if i in positions else t for i, t in enumerate(inputs)])
+        assert torch.autograd.gradgradcheck(of(fns["bpext.mlp"]), wanted)
+
+
+@pytest.mark.parametrize("acts", MLP_ACTS.values(), ids=MLP_ACTS.keys())
+def test_mlp_second_derivatives_under_torch_func_equal_native(acts):
+    """hessian (reverse over reverse) and jvp of grad (forward over reverse: the kept tensors' tangents)."""
+    fns = _mlp_fns(acts)
+    inputs, _ = _mlp_inputs("all")
+    inputs = [t.detach() for t in inputs]
+
+    def loss(fn):
+        return lambda x, w1: fn(x, inputs[1], inputs[2], w1, *inputs[4:]).square().sum()
+    args, tangents = (inputs[0], inputs[3]), (torch.ones_like(inputs[0]), torch.ones_like(inputs[3]))
+    for name in ("bpext.mlp",):
+        for transform in (lambda f: torch.func.hessian(f, argnums=(0, 1))(*args),
+                          lambda f: torch.func.jvp(grad(f, argnums=(0, 1)), args, tangents)[1]):
+            torch.testing.assert_close(transform(loss(fns[name])), transform(loss(fns["native"])))
+
+
 # ---- inference mode ---------------------------------------------------------------------------
 
 
@@ -335,7 +442,8 @@ def test_mlp_backward_op_writes_every_gradient_past_a_zero_width_layer(widths, d
     bs = [torch.empty(0, dtype=torch.float64)] * 2
     y, saved = torch.ops.bpext.mlp_forward(x, ws, bs, "gelu", [], "identity", [], True)
     grad_y = torch.randn_like(y)
-    grad_x, grad_w, _ = torch.ops.bpext.mlp_backward(grad_y, x, y, ws, bs, saved, "gelu", [], "identity", [], True)
+    grad_x, grad_w, _ = torch.ops.bpext.mlp_backward(grad_y, x, y, ws, saved, "gelu", [], "identity", [],
+                                                     [True] * 3 + [False] * 2)
     xn, wn = x.clone().requires_grad_(), [w.clone().requires_grad_() for w in ws]
     expected = torch.autograd.grad(F.linear(F.gelu(F.linear(xn, wn[0])), wn[1]), [xn, *wn], grad_y)
     torch.testing.assert_close([grad_x, *grad_w], list(expected))

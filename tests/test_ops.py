@@ -60,7 +60,12 @@ def op_samples(device, requires_grad):
             samples.append((OPS.mlp_forward.default, (x, ws, bs, act, params, "sigmoid", [], save)))
         with torch.no_grad():
             y, saved = OPS.mlp_forward(x, ws, bs, act, params, "sigmoid", [], True)
-        samples.append((OPS.mlp_backward.default, (rnd(3, 2), x, y, ws, bs, saved, act, params, "sigmoid", [], True)))
+        gy, none = rnd(3, 2), rnd(0, grad=False)
+        for inputs, mask in (((x, ws), [True, True, True, True, False]),  # the second layer has no bias
+                             ((None, [none, ws[1]]), [False, False, True, True, False]),  # nothing of layer 0 but its bias
+                             ((None, [none, none]), [False, False, True, False, False])):  # only the last weight
+            samples.append((OPS.mlp_backward.default, (gy, inputs[0], y, inputs[1], saved, act, params, "sigmoid", [],
+                                                       mask)))
     x, w, b, t = rnd(6, 5), rnd(7, 5), rnd(7), torch.tensor([0, 6, -100, 2, 3, 3], device=device)
     for reduction, bias in (("mean", b), ("sum", None), ("none", b)):
         options = (-100, 0.1, 2.0, 1e-3, reduction, 3.0 if reduction == "sum" else None)

@@ -32,11 +32,11 @@ def test_mlp_backward_checks_ranks_in_a_child_process():
         none = torch.empty(0)
         y, s = torch.ops.bpext.mlp_forward(x, [w], [none], "relu", [], "relu", [], True)
         try:
-            torch.ops.bpext.mlp_backward(torch.tensor(1.), x, y, [w], [none], s, "relu", [], "relu", [], True)
+            torch.ops.bpext.mlp_backward(torch.tensor(1.), x, y, [w], s, "relu", [], "relu", [], [True] * 3)
         except RuntimeError as e:
             print("raised:", e)
     """)
-    assert result.returncode == 0 and "raised: bpext.mlp_backward: grad_y must have shape [2, 4]" in result.stdout
+    assert result.returncode == 0 and "raised: bpext.mlp_backward: grad_y must have at least 1 dimension" in result.stdout
 
 
 @pytest.mark.parametrize("bias_shape", [(2,), (100,), (1, 64), (0,)])

@@ -41,8 +41,8 @@ void gated_backward(const ActivationArg& act, const at::Tensor& grad_y, const at
 // false for networks they do not fuse (too wide, 16-bit): the ops then run them layer by layer
 bool mlp_forward(const Network& net, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                  const at::Tensor& y, at::TensorList saved);
-bool mlp_backward(const Network& net, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-                  at::TensorList biases, at::TensorList state, const at::Tensor& grad_x, at::TensorList grad_weights,
+bool mlp_backward(const Network& net, at::IntArrayRef widths, const at::Tensor& grad_y, const at::Tensor& x,
+                  at::TensorList weights, at::TensorList state, const at::Tensor& grad_x, at::TensorList grad_weights,
                   at::TensorList grad_biases);
 
 }  // namespace bpext::cpu

@@ -25,12 +25,18 @@ constexpr int64_t kBlockRows = 64;
 constexpr int64_t kMaxChunks = 64;
 
 // A layer of width 0 goes layer by layer too: its products over nothing are the GEMMs' zeros
-// there (the fused loops would skip writing what flows through it, e.g. grad_x).
-bool fusable(const at::Tensor& x, at::TensorList weights) {
-  if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
-  return std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
-    return w.size(0) > 0 && w.size(1) > 0 && w.size(0) <= kMaxFusedWidth && w.size(1) <= kMaxFusedWidth;
-  });
+// there (the fused loops would skip writing what flows through it, e.g. grad_x). W[0] may be 0
+// where nothing reads it (backward asked nothing of layer 0's input or weight).
+bool fusable(at::ScalarType dtype, at::IntArrayRef widths, bool reads_input_width) {
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  return std::all_of(widths.begin(), widths.end(), [](int64_t w) { return w <= kMaxFusedWidth; }) &&
+         std::all_of(widths.begin() + (reads_input_width ? 0 : 1), widths.end(), [](int64_t w) { return w > 0; });
+}
+
+std::vector<int64_t> widths_of(at::TensorList weights) {
+  std::vector<int64_t> widths{weights[0].size(1)};
+  for (const at::Tensor& w : weights) widths.push_back(w.size(0));
+  return widths;
 }
 
 // a: (rows, K) with row stride lda, b: (K, N) dense -> c: (rows, N) with row stride ldc;
@@ -137,22 +143,20 @@ void with_functor(const ActivationArg& act, const Body& body) {
 template <class T>
 struct Layers {
   std::vector<int64_t> width;      // width[0] = in_features, width[l + 1] = layer l's outputs
-  std::vector<at::Tensor> weight;  // weights[l], contiguous: (W[l+1], W[l])
+  std::vector<at::Tensor> weight;  // weights[l], contiguous: (W[l+1], W[l]); undefined where unread
   std::vector<const T*> weight_t;  // weights[l].T: (W[l], W[l+1]), in weight_t_buf (forward only)
   std::unique_ptr<T[]> weight_t_buf;
-  std::vector<at::Tensor> bias;    // contiguous, undefined without bias
+  std::vector<at::Tensor> bias;    // contiguous, undefined without bias (or in backward, which reads none)
   int64_t max_width = 0;
 
-  Layers(at::TensorList weights, at::TensorList biases, bool transposed) {
-    width.push_back(weights[0].size(1));
+  Layers(at::IntArrayRef widths, at::TensorList weights, at::TensorList biases, bool transposed)
+      : width(widths.vec()), max_width(*std::max_element(widths.begin(), widths.end())) {
     size_t weight_elements = 0;
     for (size_t l = 0; l < weights.size(); ++l) {
-      width.push_back(weights[l].size(0));
-      weight.push_back(weights[l].contiguous());
-      weight_elements += weights[l].numel();
-      bias.push_back(biases[l].defined() ? biases[l].contiguous() : at::Tensor());
+      weight.push_back(weights[l].defined() ? weights[l].contiguous() : at::Tensor());
+      weight_elements += weights[l].defined() ? weights[l].numel() : 0;
+      bias.push_back(l < biases.size() && biases[l].defined() ? biases[l].contiguous() : at::Tensor());
     }
-    max_width = *std::max_element(width.begin(), width.end());
     if (!transposed) return;
     weight_t_buf = scratch<T>(weight_elements);
     T* dst = weight_t_buf.get();
@@ -223,27 +227,30 @@ struct GradSums {
     for (size_t l = 0; l < n_layers; ++l) {
       w_off[l + 1] = w_off[l] + layers.width[l] * layers.width[l + 1];
       b_off[l + 1] = b_off[l] + layers.width[l + 1];
-      dw_out.push_back(grad_weights[l].mutable_data_ptr<T>());
+      dw_out.push_back(grad_weights[l].defined() ? grad_weights[l].mutable_data_ptr<T>() : nullptr);
       db_out.push_back(grad_biases[l].defined() ? grad_biases[l].mutable_data_ptr<T>() : nullptr);
     }
     chunk_size = w_off.back() + b_off.back();
     partial = scratch<T>((chunks - 1) * chunk_size);
   }
-  T* dw(int64_t c, size_t l) const { return c == 0 ? dw_out[l] : partial.get() + (c - 1) * chunk_size + w_off[l]; }
+  T* dw(int64_t c, size_t l) const {
+    if (dw_out[l] == nullptr) return nullptr;
+    return c == 0 ? dw_out[l] : partial.get() + (c - 1) * chunk_size + w_off[l];
+  }
   T* db(int64_t c, size_t l) const {
     if (db_out[l] == nullptr) return nullptr;
     return c == 0 ? db_out[l] : partial.get() + (c - 1) * chunk_size + w_off.back() + b_off[l];
   }
   void zero(int64_t c, const Layers<T>& layers) const {
     for (size_t l = 0; l < layers.size(); ++l) {
-      std::fill_n(dw(c, l), layers.width[l] * layers.width[l + 1], T(0));
+      if (dw(c, l) != nullptr) std::fill_n(dw(c, l), layers.width[l] * layers.width[l + 1], T(0));
       if (db(c, l) != nullptr) std::fill_n(db(c, l), layers.width[l + 1], T(0));
     }
   }
   // Chunks 1.. added to chunk 0's sums in order, for results independent of the thread count.
   void reduce(int64_t chunks) const {
     for (size_t l = 0; l < dw_out.size(); ++l) {
-      add_partials(dw_out[l], w_off[l], w_off[l + 1] - w_off[l], chunks);
+      if (dw_out[l] != nullptr) add_partials(dw_out[l], w_off[l], w_off[l + 1] - w_off[l], chunks);
       if (db_out[l] != nullptr) add_partials(db_out[l], w_off.back() + b_off[l], b_off[l + 1] - b_off[l], chunks);
     }
   }
@@ -289,8 +296,8 @@ bool recompute_activation(const T* z, int64_t n, T* a, T* slope, const P& params
 }
 
 // Layer l's backward on the n rows from r0: from g (the gradient of its output), accumulates
-// its weight and bias gradients into chunk c's sums and returns the gradient of its input
-// (written to grad_x for layer 0, null when not wanted).
+// its weight and bias gradients into chunk c's sums (where wanted) and returns the gradient of
+// its input (written to grad_x for layer 0; null where not wanted: its weight is undefined).
 template <class T>
 const T* backward_layer(const Network& net, const Layers<T>& layers, size_t l, const std::vector<const T*>& state,
                         const T* x, T* grad_x, const T* g, int64_t r0, int64_t n, const GradSums<T>& sums, int64_t c,
@@ -306,20 +313,22 @@ const T* backward_layer(const Network& net, const Layers<T>& layers, size_t l, c
                   buf.dz.get() + i * n_dim, sums.db(c, l), n_dim, params);
     }
   });
-  // The layer's input: x, the previous layer's kept y, or act(z) recomputed from its kept z
-  // (with act'(z), for layer l - 1's dz, where that comes at no extra cost).
-  const T* a = l == 0 ? x + r0 * k_dim : state[l - 1] + r0 * k_dim;
   buf.slope_layer = SIZE_MAX;
-  if (l > 0 && mlp_keeps_z(net.hidden)) {
-    with_functor<T>(net.hidden, [&]<class F>(const auto& params) {
-      if (recompute_activation<F>(a, n * k_dim, buf.a.get(), buf.slope.get(), params)) buf.slope_layer = l - 1;
-    });
-    a = buf.a.get();
+  if (sums.dw(c, l) != nullptr) {
+    // The layer's input: x, the previous layer's kept y, or act(z) recomputed from its kept z
+    // (with act'(z), for layer l - 1's dz, where that comes at no extra cost).
+    const T* a = l == 0 ? x + r0 * k_dim : state[l - 1] + r0 * k_dim;
+    if (l > 0 && mlp_keeps_z(net.hidden)) {
+      with_functor<T>(net.hidden, [&]<class F>(const auto& params) {
+        if (recompute_activation<F>(a, n * k_dim, buf.a.get(), buf.slope.get(), params)) buf.slope_layer = l - 1;
+      });
+      a = buf.a.get();
+    }
+    // grad_weight += dz^T a
+    transpose(buf.dz.get(), n, n_dim, buf.dz_t.get());
+    small_gemm<true>(buf.dz_t.get(), n, a, n, k_dim, sums.dw(c, l), k_dim, n_dim);
   }
-  // grad_weight += dz^T a
-  transpose(buf.dz.get(), n, n_dim, buf.dz_t.get());
-  small_gemm<true>(buf.dz_t.get(), n, a, n, k_dim, sums.dw(c, l), k_dim, n_dim);
-  if (l == 0 && grad_x == nullptr) return nullptr;
+  if (!layers.weight[l].defined()) return nullptr;
   // grad of the layer's input: dz W
   T* g_in = l == 0 ? grad_x + r0 * k_dim : buf.g.get() + (l % 2) * buf.elements;
   small_gemm<false>(buf.dz.get(), n_dim, layers.weight[l].template const_data_ptr<T>(), n_dim, k_dim, g_in, k_dim, n);
@@ -327,15 +336,14 @@ const T* backward_layer(const Network& net, const Layers<T>& layers, size_t l, c
 }
 
 template <class T>
-void backward(const Network& net, const at::Tensor& grad_y, const at::Tensor& x, const Layers<T>& layers,
+void backward(const Network& net, const at::Tensor& grad_y, const T* xp, const Layers<T>& layers,
               const std::vector<const T*>& state, T* grad_x, at::TensorList grad_weights, at::TensorList grad_biases) {
   const size_t n_layers = layers.size();
-  const int64_t rows = x.size(0);
+  const int64_t rows = grad_y.size(0);
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   const int64_t blocks_per_chunk = std::max<int64_t>(1, (blocks + kMaxChunks - 1) / kMaxChunks);
   const int64_t chunks = std::max<int64_t>(1, (blocks + blocks_per_chunk - 1) / blocks_per_chunk);
   const GradSums<T> sums(layers, grad_weights, grad_biases, chunks);
-  const T* xp = x.const_data_ptr<T>();
   const T* gp = grad_y.const_data_ptr<T>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     BlockScratch<T> buf(std::min(kBlockRows, rows) * layers.max_width);
@@ -358,27 +366,29 @@ void backward(const Network& net, const at::Tensor& grad_y, const at::Tensor& x,
 
 bool mlp_forward(const Network& net, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                  const at::Tensor& y, at::TensorList saved) {
-  if (!fusable(x, weights)) return false;
+  const std::vector<int64_t> widths = widths_of(weights);
+  if (!fusable(x.scalar_type(), widths, /*reads_input_width=*/true)) return false;
   const at::Tensor xc = x.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bpext.mlp_forward", [&] {
     std::vector<scalar_t*> saved_ptr;
     for (const auto& s : saved) saved_ptr.push_back(data_or_null<scalar_t>(s));
-    const Layers<scalar_t> layers(weights, biases, /*transposed=*/true);
+    const Layers<scalar_t> layers(widths, weights, biases, /*transposed=*/true);
     forward(net, xc, layers, y.mutable_data_ptr<scalar_t>(), saved_ptr);
   });
   return true;
 }
 
-bool mlp_backward(const Network& net, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-                  at::TensorList biases, at::TensorList state, const at::Tensor& grad_x, at::TensorList grad_weights,
+bool mlp_backward(const Network& net, at::IntArrayRef widths, const at::Tensor& grad_y, const at::Tensor& x,
+                  at::TensorList weights, at::TensorList state, const at::Tensor& grad_x, at::TensorList grad_weights,
                   at::TensorList grad_biases) {
-  if (!fusable(x, weights)) return false;
-  const at::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bpext.mlp_backward", [&] {
+  if (!fusable(grad_y.scalar_type(), widths, x.defined() || grad_x.defined())) return false;
+  const at::Tensor xc = x.defined() ? x.contiguous() : x;
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "bpext.mlp_backward", [&] {
     std::vector<const scalar_t*> state_ptr;
     for (const auto& s : state) state_ptr.push_back(data_or_null<scalar_t>(s));
-    const Layers<scalar_t> layers(weights, biases, /*transposed=*/false);
-    backward(net, grad_y, xc, layers, state_ptr, data_or_null<scalar_t>(grad_x), grad_weights, grad_biases);
+    const Layers<scalar_t> layers(widths, weights, {}, /*transposed=*/false);
+    backward(net, grad_y, xc.defined() ? xc.const_data_ptr<scalar_t>() : nullptr, layers, state_ptr, data_or_null<scalar_t>(grad_x),
+             grad_weights, grad_biases);
   });
   return true;
 }

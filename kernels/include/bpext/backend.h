@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "bpext/checks.h"
 #include "bpext/config.h"
@@ -31,6 +32,18 @@ inline bool mlp_keeps_z(const ActivationArg& act) { return act.saves() == Saves:
 inline bool mlp_keeps_nothing(size_t layer, size_t layers, const ActivationArg& act) {
   return layer + 1 == layers && !mlp_keeps_z(act);
 }
+
+// What an MLP's backward is asked for, from a mask of grad_x, then the weights', then the biases'
+// gradients; input[l]: whether the gradient of layer l's input is wanted (something below layer l
+// asks), for which backward reads weights[l]. x is read only for the first weight's gradient.
+struct MLPGrads {
+  std::vector<bool> weight, bias, input;
+  MLPGrads(const std::vector<bool>& mask, size_t layers)
+      : weight(mask.begin() + 1, mask.begin() + 1 + layers), bias(mask.begin() + 1 + layers, mask.end()) {
+    input.push_back(mask[0]);
+    for (size_t l = 0; l < layers; ++l) input.push_back(input[l] || weight[l] || bias[l]);
+  }
+};
 
 struct Backend {
   // x: (n) -> y: (n) = act(x)
@@ -63,11 +76,13 @@ struct Backend {
   //   -> y: (N, W[L]), saved[l]: (N, W[l+1]) or (0) per mlp_keeps_*
   bool (*mlp_forward)(const Network& net, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                       const at::Tensor& y, at::TensorList saved);
-  // grad_y: (N, W[L]), state[l]: what layer l's derivative reads (its kept y or z, the output y
-  // for the last layer; undefined for a linear last layer)
-  //   -> grad_x: (N, W0) unless undefined, grad_weights[l], grad_biases[l] (undefined without bias)
-  bool (*mlp_backward)(const Network& net, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-                       at::TensorList biases, at::TensorList state, const at::Tensor& grad_x,
+  // widths: W[0..L]; grad_y: (N, W[L]), state[l]: what layer l's derivative reads (its kept y or z, the
+  // output y for the last layer; undefined for a linear last layer); x: (N, W0), undefined unless
+  // grad_weights[0] is defined; weights[l]: (W[l+1], W[l]) where the gradient of layer l's input is
+  // wanted (grad_x for layer 0), else undefined; the gradients: undefined where not wanted
+  //   -> grad_x: (N, W0), grad_weights[l]: (W[l+1], W[l]), grad_biases[l]: (W[l+1])
+  bool (*mlp_backward)(const Network& net, at::IntArrayRef widths, const at::Tensor& grad_y, const at::Tensor& x,
+                       at::TensorList weights, at::TensorList state, const at::Tensor& grad_x,
                        at::TensorList grad_weights, at::TensorList grad_biases);
 };
 
