@@ -106,7 +106,7 @@ std::unique_ptr<T[]> scratch(int64_t n) {
 
 // acc: (OUT) GEMM row, bias: (OUT) or null -> z = acc + bias (back into acc when keep_z), y = act(z)
 template <class F, class T, class P>
-void bias_activation_row(T* acc, const T* bias, T* y, int64_t out_features, const P& params, bool keep_z) {
+BPEXT_FLATTEN void bias_activation_row(T* acc, const T* bias, T* y, int64_t out_features, const P& params, bool keep_z) {
   using IO = VecIO<T>;
   for (int64_t j = 0; j < out_features; j += IO::kWidth) {
     const int64_t n = std::min<int64_t>(IO::kWidth, out_features - j);
@@ -120,7 +120,7 @@ void bias_activation_row(T* acc, const T* bias, T* y, int64_t out_features, cons
 // g, s: (OUT) rows -> dz = g * act'(s), db_acc += dz (unless null); from act'(s) itself where
 // slope is not null.
 template <class F, class T, class P>
-void grad_row(const T* g, const T* s, const T* slope, T* dz, T* db_acc, int64_t out_features, const P& params) {
+BPEXT_FLATTEN void grad_row(const T* g, const T* s, const T* slope, T* dz, T* db_acc, int64_t out_features, const P& params) {
   using IO = VecIO<T>;
   using V = typename IO::V;
   for (int64_t j = 0; j < out_features; j += IO::kWidth) {
@@ -279,7 +279,7 @@ struct BlockScratch {
 // a = act(z) over n elements, and slope = act'(z) where the activation computes both at once
 // (returns whether it did).
 template <class F, class T, class P>
-bool recompute_activation(const T* z, int64_t n, T* a, T* slope, const P& params) {
+BPEXT_FLATTEN bool recompute_activation(const T* z, int64_t n, T* a, T* slope, const P& params) {
   using IO = VecIO<T>;
   if constexpr (HasValueSlope<F, typename IO::V>) {
     for (int64_t j = 0; j < n; j += IO::kWidth) {

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -17,20 +18,50 @@
 
 namespace bpext::cpu {
 
+// On a loop over vectors: every call in it inlined (the functor's math, its lambda), so that
+// the dependency chains of consecutive vectors overlap; a call runs one chain at a time.
+#define BPEXT_FLATTEN __attribute__((flatten))
+
+// exp for float vectors, inline: no call (Sleef's), whose clobbered registers serialise the
+// math of the vectors around it. Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, Cephes'
+// polynomial for e^r (within an ulp; by Estrin's scheme, half Horner's chain of dependent FMAs),
+// then 2^n in two factors, so that a subnormal result is rounded once and n down to -150 stays
+// representable; inf past 88.72, NaN kept.
+C10_ALWAYS_INLINE at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<float>& x) {
+  using V = at::vec::Vectorized<float>;
+  using I = at::vec::Vectorized<int32_t>;
+  const V xc = at::vec::minimum(at::vec::maximum(x, V(-104.0f)), V(88.72283f));  // e^-104 rounds to 0
+  const V n = (xc * V(1.44269504089f)).round();
+  V r = at::vec::fnmadd(n, V(0.693359375f), xc);  // ln2 in two parts: n * 0.693359375 is exact
+  r = at::vec::fnmadd(n, V(-2.12194440e-4f), r);
+  using at::vec::fmadd;
+  const V r2 = r * r;
+  const V p = fmadd(fmadd(fmadd(V(1.9875691500e-4f), r, V(1.3981999507e-3f)), r2 * r2,
+                          fmadd(fmadd(V(8.3334519073e-3f), r, V(4.1665795894e-2f)), r2,
+                                fmadd(V(1.6666665459e-1f), r, V(5.0000001201e-1f)))),
+                    r2, r + V(1.0f));  // 1 + r + r^2 (c5 + c4 r + ... + c0 r^5)
+  const I k = at::vec::convert_to_int_of_same_size(n);
+  const I k1 = k >> I(1), k2 = k - k1;
+  const auto pow2 = [](const I& e) { return at::vec::cast<float>((e + I(127)) << I(23)); };
+  return V::blendv(p * pow2(k1) * pow2(k2), V(std::numeric_limits<float>::infinity()), x > V(88.72283f));
+}
+
 // erfc for float vectors, 1.2e-7 relative (Numerical Recipes' Chebyshev fit, erfcc) plus a few
 // roundings: Sleef's erfcf costs seven times as much, and 1 + erf loses the negative tail of the
 // GELU. exp(-x^2) takes x^2 as a rounded value and its error (fma), which the tail amplifies.
-inline at::vec::Vectorized<float> fast_erfc(const at::vec::Vectorized<float>& x) {
+C10_ALWAYS_INLINE at::vec::Vectorized<float> fast_erfc(const at::vec::Vectorized<float>& x) {
   using V = at::vec::Vectorized<float>;
   const V z = at::vec::minimum(x.abs(), V(10.5f));  // erfc(10.5) is 0 in float; z*z stays finite
-  const V t = V(1.0f) / at::vec::fmadd(V(0.5f), z, V(1.0f));
-  constexpr float kCoefficients[] = {0.17087277f,  -0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f,
-                                     -0.18628806f, 0.09678418f,  0.37409196f, 1.00002368f,  -1.26551223f};
-  V poly(kCoefficients[0]);
-  for (size_t i = 1; i < std::size(kCoefficients); ++i) poly = at::vec::fmadd(poly, t, V(kCoefficients[i]));
+  using at::vec::fmadd;
+  const V t = V(1.0f) / fmadd(V(0.5f), z, V(1.0f));
+  // a0 + a1 t + ... + a9 t^9 by Estrin's scheme: four dependent FMAs where Horner's takes nine
+  const V t2 = t * t, t4 = t2 * t2;
+  const V low = fmadd(fmadd(fmadd(V(1.48851587f), t, V(-1.13520398f)), t2, fmadd(V(0.27886807f), t, V(-0.18628806f))),
+                      t4, fmadd(fmadd(V(0.09678418f), t, V(0.37409196f)), t2, fmadd(V(1.00002368f), t, V(-1.26551223f))));
+  const V poly = fmadd(fmadd(V(0.17087277f), t, V(-0.82215223f)), t4 * t4, low);
   const V z2 = z * z;
   const V z2_error = at::vec::fmsub(z, z, z2);  // z*z - z2, exactly
-  const V tail = t * (poly - z2).exp() * (V(1.0f) - z2_error);
+  const V tail = t * fast_exp(poly - z2) * (V(1.0f) - z2_error);
   return V::blendv(tail, V(2.0f) - tail, x < V(0.0f));
 }
 
@@ -39,35 +70,41 @@ template <class T>
 struct VecMath {
   using V = at::vec::Vectorized<T>;
   using Mask = V;  // all-ones lanes where true
-  static V c(double x) { return V(static_cast<T>(x)); }
-  static V exp(const V& x) { return x.exp(); }
-  static V expm1(const V& x) { return x.expm1(); }
-  static V log1p(const V& x) { return x.log1p(); }
+  C10_ALWAYS_INLINE static V c(double x) { return V(static_cast<T>(x)); }
+  C10_ALWAYS_INLINE static V exp(const V& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      return fast_exp(x);
+    } else {
+      return x.exp();
+    }
+  }
+  C10_ALWAYS_INLINE static V expm1(const V& x) { return x.expm1(); }
+  C10_ALWAYS_INLINE static V log1p(const V& x) { return x.log1p(); }
   // tanh correctly rounded where |tanh| nears 1: Sleef's rounds tanh(8.7) up to 1, and tanh's
   // derivative 1 - y^2 from that y is 0 instead of 1.2e-7 (a one-ulp error in y is 1/(1 - y^2)
   // ulps of the derivative). 1 - 2/(e^2|x| + 1) there, whose small term keeps its digits;
   // Sleef's below |x| = 0.55, where that form cancels and 1 - y^2 amplifies nothing.
-  static V tanh(const V& x) {
+  C10_ALWAYS_INLINE static V tanh(const V& x) {
     const V a = x.abs();
     const V r = V::blendv(V(T(1)) - V(T(2)) / ((a + a).exp() + V(T(1))), a.tanh(), a < V(T(0.55)));
     return V::blendv(r, V(T(0)) - r, x < V(T(0)));  // the sign of x; NaN stays NaN
   }
-  static V erfc(const V& x) {
+  C10_ALWAYS_INLINE static V erfc(const V& x) {
     if constexpr (std::is_same_v<T, float>) {
       return fast_erfc(x);
     } else {
       return x.erfc();
     }
   }
-  static V abs(const V& x) { return x.abs(); }
-  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
-  static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }  // NaN propagates
-  static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
-  static Mask lt(const V& a, const V& b) { return a < b; }
-  static Mask le(const V& a, const V& b) { return a <= b; }
-  static Mask gt(const V& a, const V& b) { return a > b; }
-  static Mask both(const Mask& a, const Mask& b) { return a & b; }
-  static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
+  C10_ALWAYS_INLINE static V abs(const V& x) { return x.abs(); }
+  C10_ALWAYS_INLINE static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  C10_ALWAYS_INLINE static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }  // NaN propagates
+  C10_ALWAYS_INLINE static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  C10_ALWAYS_INLINE static Mask lt(const V& a, const V& b) { return a < b; }
+  C10_ALWAYS_INLINE static Mask le(const V& a, const V& b) { return a <= b; }
+  C10_ALWAYS_INLINE static Mask gt(const V& a, const V& b) { return a > b; }
+  C10_ALWAYS_INLINE static Mask both(const Mask& a, const Mask& b) { return a & b; }
+  C10_ALWAYS_INLINE static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
 };
 
 // Loads and stores of storage type T as vectors of its compute type.
@@ -110,7 +147,7 @@ struct VecIO {
 // rather than done in scalar code, so every element takes the same path and a
 // result never depends on where a thread's chunk happens to end.
 template <class T, class F, class... In>
-inline void map_span(int64_t n, const F& f, T* out, const In*... in) {
+BPEXT_FLATTEN inline void map_span(int64_t n, const F& f, T* out, const In*... in) {
   using IO = VecIO<T>;
   constexpr int64_t W = IO::kWidth;
   int64_t i = 0;
@@ -158,7 +195,7 @@ void map_rows_with_sums(int64_t rows, int64_t cols, const F& f, std::array<T*, K
   const bool summing = std::any_of(sums.begin(), sums.end(), [](T* s) { return s != nullptr; });
   std::vector<O> partial(summing ? chunks * K * cols : 0, O(0));
   const int64_t grain_chunks = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, chunk_rows * cols));
-  at::parallel_for(0, chunks, grain_chunks, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, chunks, grain_chunks, [&](int64_t c0, int64_t c1) BPEXT_FLATTEN {
     for (int64_t c = c0; c < c1; ++c) {
       O* acc = summing ? partial.data() + c * K * cols : nullptr;
       for (int64_t i = c * chunk_rows; i < std::min(rows, (c + 1) * chunk_rows); ++i) {

@@ -30,7 +30,9 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define BPEXT_HD __host__ __device__ __forceinline__
 #else
-#define BPEXT_HD inline
+// Forced, so that a functor's math (a division, polynomials, an exp) inlines into the loops that
+// keep two vectors in flight: called, it runs one dependency chain at a time.
+#define BPEXT_HD inline __attribute__((always_inline))
 #endif
 
 namespace bpext {
