@@ -200,8 +200,8 @@ def _(x, weights, biases, activation, params, output_activation, output_params, 
 def _(grad_y, x, y, weights, saved, activation, params, output_activation, output_params, output_mask):
     _one_device("mlp_backward", grad_y, x, y, weights, saved)
     n = len(weights)
-    torch._check(len(saved) == n and len(output_mask) == 1 + 2 * n,
-                 lambda: "bpext.mlp_backward: saved must have one tensor per layer and output_mask 1 + 2 * layers entries")
+    torch._check(len(saved) == n and len(output_mask) == 1 + 2 * n, lambda: "bpext.mlp_backward: saved must "
+                 "have one tensor per layer and output_mask 1 + 2 * layers entries")
     # the widths, as the kernel takes them: of x or weights[0], the hidden layers' kept tensors, grad_y
     first = x.shape[-1] if x is not None else weights[0].shape[1] if weights[0].dim() == 2 else 0
     widths = [first, *(s.shape[-1] for s in saved[:-1]), grad_y.shape[-1]]

@@ -387,8 +387,9 @@ def _mlp_grads(grad_y, grad_kept, x, y, weights, kept, acts, mask):
     """The MLP's backward as differentiable pieces, from what mlp_forward kept (mlp_backward computes
     the same in one op): from grad_y and the gradients sent into the kept tensors (double backward),
     each None where none -> [grad_x, *grad_weights, *grad_biases], None where ``mask`` (x, the
-    weights, the biases) says no or no gradient reaches. kept[l] is layer l's z where its activation's derivative reads z,
-    else its y; the last layer keeps nothing else (its derivative reads the output y, or nothing)."""
+    weights, the biases) says no or no gradient reaches. kept[l] is layer l's z where its
+    activation's derivative reads z, else its y; the last layer keeps nothing else (its derivative
+    reads the output y, or nothing)."""
     n = len(weights)
     reads = _mlp_reads(mask, n)
     grads = [None] * (1 + 2 * n)
@@ -403,7 +404,8 @@ def _mlp_grads(grad_y, grad_kept, x, y, weights, kept, acts, mask):
         saved = None if act.saves == "nothing" else kept[layer] if keeps_z or layer < n - 1 else y
         dz = _sum([None if g is None else _derivative(g, saved, act), into_kept if keeps_z else None])
         h = None if not w_asked else x if layer == 0 else _layer_input(kept[layer - 1], acts[layer - 1])
-        g, grads[1 + layer], grads[1 + n + layer] = _linear_grads(dz, h, weights[layer], (reads[layer], w_asked, b_asked))
+        g, grads[1 + layer], grads[1 + n + layer] = _linear_grads(dz, h, weights[layer],
+                                                                  (reads[layer], w_asked, b_asked))
     grads[0] = g if mask[0] else None
     return grads
 
@@ -443,7 +445,8 @@ def _mlp_backward(ctx, grad_y, grad_kept) -> list:
     """-> [grad_x, *grad_weights, *grad_biases] (None where not needed)."""
     x, y, weights, _, kept = _mlp_saved(ctx)
     (hidden, output), needs, n = ctx.acts, ctx.needs, len(ctx.has_bias)
-    mask = [bool(needs[0]), *map(bool, needs[1:1 + n]), *(bool(need) and has for need, has in zip(needs[1 + n:], ctx.has_bias))]
+    mask = [bool(needs[0]), *map(bool, needs[1:1 + n]),
+            *(bool(need) and has for need, has in zip(needs[1 + n:], ctx.has_bias))]
     grad_kept = list(grad_kept) if ctx.kept_differentiable and len(grad_kept) == n else [None] * n
     into_kept = [g for g in grad_kept if g is not None]
     if grad_y is None and not into_kept:

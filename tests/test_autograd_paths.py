@@ -265,7 +265,8 @@ def test_gated_double_backward_through_the_kept_pre_activations(kind, needs):
 # The MLP keeps one tensor per layer, x only where the first weight needs a gradient and a weight
 # only where something below its layer does; double backward reaches the layers through the kept tensors.
 
-MLP_ACTS = {"gelu keeps z": ("gelu", "gelu"), "relu keeps y": ("relu", "sigmoid"), "tanh, linear out": ("tanh", "identity")}
+MLP_ACTS = {"gelu keeps z": ("gelu", "gelu"), "relu keeps y": ("relu", "sigmoid"),
+            "tanh, linear out": ("tanh", "identity")}
 _NATIVE_ACTS = {"gelu": F.gelu, "relu": F.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "identity": lambda t: t}
 
 
