@@ -904,25 +904,32 @@ def _plain_eager() -> bool:
     return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0 or _through_ops())
 
 
-def _nested_forward_mode() -> bool:
-    """Whether a forward-mode derivative is taken inside another derivative (``jacfwd(jacfwd(f))``,
-    ``jacrev(jacfwd(f))``): a Function's jvp runs below the outer transform's level, which sees none of
-    its work (so the outer derivative of the tangent would be lost). There the layers compose native
-    ops, whose derivatives of every order are native's. (Forward over reverse, ``hessian``, is exact.)"""
+def _composes_native(*tensors) -> bool:
+    """Where a Function's derivative would be lost, the layers compose native ops, whose derivatives
+    of every order are native's:
+
+    * a forward-mode derivative inside another (``jacfwd(jacfwd(f))``, ``jacrev(jacfwd(f))``): a
+      Function's jvp runs below the outer transform's level, which sees none of its work (so the
+      outer derivative of the tangent would be lost). Forward over reverse, ``hessian``, is exact.
+    * under vmap, an input that an autograd outside the transforms tracks (``vmap(grad(f))``'s
+      per-sample gradients, then ``backward`` through them): the Function's batched backward gave
+      that autograd wrong numbers or raised, for every layer."""
     if not torch._C._are_functorch_transforms_active():
         return False
     transform = torch._C._functorch.TransformType
+    stack = torch._C._functorch.get_interpreter_stack()
     outer = forward_ad._current_level >= 0  # a derivative is taken outside the first level
-    for interpreter in torch._C._functorch.get_interpreter_stack():  # outermost first
+    for interpreter in stack:  # outermost first
         key = interpreter.key()
         if key == transform.Jvp and outer:
             return True
         outer = outer or key in (transform.Grad, transform.Jvp)
-    return False
+    return any(i.key() == transform.Vmap for i in stack) and any(
+        t is not None and _unwrapped(t).requires_grad for t in tensors)
 
 
 def _native_gated(x, weight_gate, bias_gate, weight_up, bias_up, act: Act) -> torch.Tensor:
-    """act(gate) * up in native ops (where _nested_forward_mode holds)."""
+    """act(gate) * up in native ops (where _composes_native holds)."""
     return act.reference(F.linear(x, weight_gate, bias_gate)) * F.linear(x, weight_up, bias_up)
 
 
@@ -947,7 +954,7 @@ def activation(x: torch.Tensor, activation: str | Act = "relu", **params: float)
     act = resolve(activation, **params)
     if _through_ops():
         return ops.activation_forward(x, act.name, act.params)
-    if _nested_forward_mode():
+    if _composes_native(x):
         return act.reference(x)
     return _apply(ActivationFunction, x, act)
 
@@ -968,7 +975,7 @@ def dense(
     x, weight, bias = _autocast(x, weight, bias)
     if _plain_eager():
         return ops.dense(x, weight, bias, act.name, act.params)
-    if _nested_forward_mode():
+    if _composes_native(x, weight, bias):
         return act.reference(F.linear(x, weight, bias))
     return_preact = act.saves == "input" and _builds_graph(x, weight, bias)
     if _through_ops():
@@ -1001,8 +1008,8 @@ def mlp(
                              f"got shape {list(b.shape)}")
     x, *tensors = _autocast(x, *weights, *biases)
     n = len(weights)
-    # Layer by layer: DTensors (the mlp ops' lists have no sharding rule), nested forward-mode derivatives
-    if any(is_dtensor(t) for t in (x, *tensors)) or _nested_forward_mode():
+    # Layer by layer: DTensors (the mlp ops' lists have no sharding rule), where native ops compose
+    if any(is_dtensor(t) for t in (x, *tensors)) or _composes_native(x, *tensors):
         for i, (weight, bias) in enumerate(zip(tensors[:n], tensors[n:])):
             x = dense(x, weight, bias, output if i == n - 1 else hidden)
         return x
@@ -1033,7 +1040,7 @@ def gated(
     """
     act = resolve(activation, **params)
     tensors = _autocast(x, weight_gate, bias_gate, weight_up, bias_up)
-    if _nested_forward_mode():
+    if _composes_native(*tensors):
         return _native_gated(*tensors, act)
     save = _builds_graph(*tensors)
     if _through_ops():
@@ -1057,7 +1064,7 @@ def gated_mlp(
     what the same block keeps natively; backward recomputes ``act(gate) * up``."""
     act = resolve(activation, **params)
     tensors = _autocast(x, weight_gate, bias_gate, weight_up, bias_up, weight_down, bias_down)
-    if _nested_forward_mode():
+    if _composes_native(*tensors):
         return F.linear(_native_gated(*tensors[:5], act), *tensors[5:])
     save = _builds_graph(*tensors)
     if _through_ops():

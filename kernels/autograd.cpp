@@ -235,6 +235,7 @@ struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
     std::vector<int64_t> has_bias;
     for (const at::Tensor& b : biases) has_bias.push_back(is_bias(b));
     ctx->saved_data["has_bias"] = has_bias;
+    ctx->saved_data["x_is_empty_vector"] = x.dim() == 1 && x.sym_numel() == 0;  // its gradient is (0) too
     SavedActivation::store(ctx, "hidden", activation, params);
     SavedActivation::store(ctx, "output", output_activation, output_params);
     ctx->set_materialize_grads(false);
@@ -276,6 +277,7 @@ struct MLPAutograd : torch::autograd::Function<MLPAutograd> {
           bool_list(mask));
       std::vector<at::Tensor> got;  // (0): no gradient reached (grad_y undefined, and no kept tensor above)
       for (const at::Tensor& g : grads_in) got.push_back(g.dim() == 1 && g.sym_numel() == 0 ? at::Tensor() : g);
+      if (ctx->saved_data["x_is_empty_vector"].toBool()) got[0] = grads_in[0];
       out_x = got[0];
       out_weights.assign(got.begin() + 1, got.begin() + 1 + n);
       out_biases.assign(got.begin() + 1 + n, got.end());

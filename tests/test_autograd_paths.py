@@ -370,6 +370,54 @@ def test_mlp_second_derivatives_under_torch_func_equal_native(acts):
             torch.testing.assert_close(transform(loss(fns[name])), transform(loss(fns["native"])))
 
 
+# Per-sample gradients differentiated again: vmap(grad(f)) where an autograd outside the transforms
+# tracks the weights (the layers compose native ops there; their Functions gave wrong numbers or raised).
+
+_PER_SAMPLE = {
+    "activation": (lambda x, w0, w1: B.activation(F.linear(x, w0), "gelu"), lambda x, w0, w1: F.gelu(F.linear(x, w0))),
+    "dense": (lambda x, w0, w1: B.dense(B.dense(x, w0, None, "gelu"), w1, None, "tanh"),
+              lambda x, w0, w1: torch.tanh(F.linear(F.gelu(F.linear(x, w0)), w1))),
+    "mlp identity": (lambda x, w0, w1: B.mlp(x, [w0, w1], None, "identity", "tanh"),
+                     lambda x, w0, w1: torch.tanh(F.linear(F.linear(x, w0), w1))),
+    "mlp gelu": (lambda x, w0, w1: B.mlp(x, [w0, w1], None, "gelu", "tanh"),
+                 lambda x, w0, w1: torch.tanh(F.linear(F.gelu(F.linear(x, w0)), w1))),
+    "gated": (lambda x, w0, w1: B.gated(x, w0, w0, None, None, "silu"),
+              lambda x, w0, w1: F.silu(F.linear(x, w0)) * F.linear(x, w0)),
+    "gated_mlp": (lambda x, w0, w1: B.gated_mlp(x, w0, w0, w1, activation="silu"),
+                  lambda x, w0, w1: F.linear(F.silu(F.linear(x, w0)) * F.linear(x, w0), w1)),
+}
+
+
+@pytest.mark.parametrize("kind", _PER_SAMPLE)
+def test_backward_through_per_sample_gradients_equals_native(kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=g)
+    results = []
+    for fn in _PER_SAMPLE[kind]:
+        w0, w1 = (torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                  for i, shape in enumerate(((4, 3), (2, 4))))
+        per_sample = torch.func.vmap(torch.func.grad(lambda xi: fn(xi, w0, w1).square().sum()))(x)
+        results.append((per_sample, *_grads(per_sample.sin().sum(), [w0, w1])))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_backward_through_per_sample_gradients_of_a_converted_model():
+    torch.manual_seed(0)
+    native = nn.Sequential(nn.Linear(3, 6), nn.GELU(), nn.Linear(6, 2)).double()
+    ours = bpext.convert(copy.deepcopy(native))
+    assert bpext.fusions(ours)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    results = []
+    for model in (native, ours):
+        params = dict(model.named_parameters())  # tracked by autograd outside the transforms
+        per_sample = torch.func.vmap(torch.func.grad(
+            lambda p, xi: functional_call(model, p, (xi[None],)).square().sum()), in_dims=(None, 0))(params, x)
+        results.append(_grads(sum(g.sin().sum() for g in per_sample.values()), list(params.values())))
+    for ours_, ref in zip(*results):
+        torch.testing.assert_close(ours_, ref)
+
+
 # ---- inference mode ---------------------------------------------------------------------------
 
 
@@ -433,6 +481,15 @@ def test_zero_width_layers_give_zero_gradients(widths, deterministic):
             assert t.numel() == 0 and b.numel() == 0
             continue
         torch.testing.assert_close(a, b)
+
+
+def test_double_backward_of_an_mlp_on_a_vector_of_zero_features():
+    """Its input gradient is (0), as the composite backward's "no gradient" placeholder: kept, as native's."""
+    x = torch.randn(0, dtype=torch.float64, requires_grad=True)
+    w0, w1 = torch.randn(1, 0, dtype=torch.float64, requires_grad=True), torch.randn(2, 1, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(B.mlp(x, [w0, w1], None, "gelu", "gelu").sum(), x, create_graph=True)
+    (gn,) = torch.autograd.grad(F.gelu(F.linear(F.gelu(F.linear(x, w0)), w1)).sum(), x, create_graph=True)
+    assert gx.shape == gn.shape == (0,)
 
 
 @pytest.mark.parametrize("widths", [(3, 5, 0), (3, 0, 4)], ids=str)
