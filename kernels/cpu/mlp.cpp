@@ -22,7 +22,7 @@ namespace {
 
 constexpr int64_t kMaxFusedWidth = 256;
 constexpr int64_t kBlockRows = 64;
-constexpr int64_t kMaxChunks = 64;
+constexpr int64_t kMaxChunks = 16;
 
 // A layer of width 0 goes layer by layer too: its products over nothing are the GEMMs' zeros
 // there (the fused loops would skip writing what flows through it, e.g. grad_x). W[0] may be 0
@@ -40,9 +40,11 @@ std::vector<int64_t> widths_of(at::TensorList weights) {
 }
 
 // a: (rows, K) with row stride lda, b: (K, N) dense -> c: (rows, N) with row stride ldc;
-// c = a b, or c += a b. kRows rows at a time, two vectors of columns in registers.
+// c = a b, or c += a b. kRows rows at a time, two vectors of columns in registers. Never
+// inlined: inside the backward pass's loop the compiler spilled an accumulator to the stack,
+// a store and a load on every FMA chain (half of backward's time).
 template <int kRows, bool kAccumulate, class T>
-void gemm_rows(const T* a, int64_t lda, const T* b, int64_t k_dim, int64_t n_dim, T* c, int64_t ldc) {
+__attribute__((noinline)) void gemm_rows(const T* a, int64_t lda, const T* b, int64_t k_dim, int64_t n_dim, T* c, int64_t ldc) {
   using V = at::vec::Vectorized<T>;
   constexpr int64_t W = V::size();
   for (int64_t n0 = 0; n0 < n_dim; n0 += 2 * W) {

@@ -145,6 +145,12 @@ struct ScalarMath {
 template <Activation A, class M>
 struct Act;
 
+// Phi(z) and phi(z): the standard normal distribution's cdf and density at z (the GELU's).
+template <class V>
+struct Normal {
+  V cdf, pdf;
+};
+
 // act(z) and act'(z) from one evaluation, for a caller that recomputes act(z) and then needs
 // act'(z) at the same z (the fused MLP's backward). A functor offers value_and_slope where the
 // two share their costly part (GELU's erfc); value is forward(z) and g * slope is backward(g, z),
@@ -220,20 +226,34 @@ struct Act<Activation::kGelu, M> {
   using V = typename M::V;
   static constexpr double kSqrtHalf = 0.70710678118654752440;
   static constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+  // M::normal(z) where the policy has one (the CPU's float vectors: Phi and phi sharing an exp)
+  static constexpr bool kPolicyNormal = requires(V z) { M::normal(z); };
   // Phi(z) = erfc(-z/sqrt2)/2: no cancellation in the negative tail, where 1 + erf(z/sqrt2) loses
   // every digit that the tail's small values have.
-  BPEXT_HD static V cdf(V z) { return M::c(0.5) * M::erfc(M::c(-kSqrtHalf) * z); }
-  BPEXT_HD static V pdf(V z) { return M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi); }
-  // d/dz z*Phi(z) = Phi(z) + z*phi(z), given Phi(z)
-  BPEXT_HD static V slope_given(V z, V cdf_z) { return M::fma(z, pdf(z), cdf_z); }
+  BPEXT_HD static V cdf(V z) {
+    if constexpr (kPolicyNormal) {
+      return M::normal(z).cdf;
+    } else {
+      return M::c(0.5) * M::erfc(M::c(-kSqrtHalf) * z);
+    }
+  }
+  BPEXT_HD static Normal<V> normal(V z) {
+    if constexpr (kPolicyNormal) {
+      return M::normal(z);
+    } else {
+      return {cdf(z), M::exp(M::c(-0.5) * z * z) * M::c(kInvSqrt2Pi)};
+    }
+  }
+  // d/dz z*Phi(z) = Phi(z) + z*phi(z)
+  BPEXT_HD static V slope(V z, const Normal<V>& n) { return M::fma(z, n.pdf, n.cdf); }
   BPEXT_HD static V forward(V z, const Params<V>&) { return z * cdf(z); }
-  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * slope_given(z, cdf(z)); }
+  BPEXT_HD static V backward(V g, V z, const Params<V>&) { return g * slope(z, normal(z)); }
   BPEXT_HD static ValueSlope<V> value_and_slope(V z, const Params<V>&) {
-    const V c = cdf(z);
-    return {z * c, slope_given(z, c)};
+    const Normal<V> n = normal(z);
+    return {z * n.cdf, slope(z, n)};
   }
   // d/dz (Phi + z*phi) = 2*phi - z^2*phi
-  BPEXT_HD static V second(V z, const Params<V>&) { return pdf(z) * (M::c(2) - z * z); }
+  BPEXT_HD static V second(V z, const Params<V>&) { return normal(z).pdf * (M::c(2) - z * z); }
 };
 
 template <class M>
