@@ -65,6 +65,19 @@ def test_equals_native_loss_and_gradients(options, bias, device):
     torch.testing.assert_close(torch.autograd.grad(ours, tensors, g), torch.autograd.grad(ref, tensors, g))
 
 
+@pytest.mark.parametrize("options", [OPTIONS["mean"], OPTIONS["none"], OPTIONS["everything"]],
+                         ids=["mean", "none", "everything"])
+def test_several_blocks_equal_native(options):
+    """A vocabulary of 33000 words makes blocks of 256 rows (kernels/ops.cpp, loss_block_rows): 520 tokens
+    take three, the last of 8 rows, with ignored targets in each."""
+    x, w, b, t = data(tokens=(520,), hidden=3, vocab=33000, ignored=0)
+    t[::97] = -100
+    ours, ref = B.linear_cross_entropy(x, w, t, b, **options), native(x, w, t, b, **options)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, [x, w, b], g), torch.autograd.grad(ref, [x, w, b], g))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_reduced_precision_is_never_farther_from_float64_than_native(dtype, device):
