@@ -249,18 +249,28 @@ struct GradSums {
       if (db(c, l) != nullptr) std::fill_n(db(c, l), layers.width[l + 1], T(0));
     }
   }
-  // Chunks 1.. added to chunk 0's sums in order, for results independent of the thread count.
+  // Chunks 1.. added to chunk 0's sums in order, for results independent of the thread count; one
+  // parallel loop over a chunk's layout (the weights' sums, then the biases'), not one per tensor.
   void reduce(int64_t chunks) const {
+    if (chunks < 2) return;
+    struct Segment {
+      int64_t offset, size;
+      T* out;
+    };
+    std::vector<Segment> segments;
     for (size_t l = 0; l < dw_out.size(); ++l) {
-      if (dw_out[l] != nullptr) add_partials(dw_out[l], w_off[l], w_off[l + 1] - w_off[l], chunks);
-      if (db_out[l] != nullptr) add_partials(db_out[l], w_off.back() + b_off[l], b_off[l + 1] - b_off[l], chunks);
+      if (dw_out[l] != nullptr) segments.push_back({w_off[l], w_off[l + 1] - w_off[l], dw_out[l]});
     }
-  }
-  void add_partials(T* out, int64_t offset, int64_t size, int64_t chunks) const {
-    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t c = 1; c < chunks; ++c) {
-        const T* part = partial.get() + (c - 1) * chunk_size + offset;
-        for (int64_t i = i0; i < i1; ++i) out[i] += part[i];
+    for (size_t l = 0; l < db_out.size(); ++l) {
+      if (db_out[l] != nullptr) segments.push_back({w_off.back() + b_off[l], b_off[l + 1] - b_off[l], db_out[l]});
+    }
+    at::parallel_for(0, chunk_size, 4096, [&](int64_t i0, int64_t i1) {
+      for (const Segment& seg : segments) {
+        const int64_t from = std::max(i0, seg.offset), to = std::min(i1, seg.offset + seg.size);
+        for (int64_t c = 1; c < chunks; ++c) {
+          const T* part = partial.get() + (c - 1) * chunk_size;
+          for (int64_t i = from; i < to; ++i) seg.out[i - seg.offset] += part[i];
+        }
       }
     });
   }
