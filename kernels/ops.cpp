@@ -615,13 +615,14 @@ std::array<at::Tensor, 4> loss_blocks(const at::Tensor& x, const at::Tensor& wei
   at::Tensor loss = at::zeros({rows}, fopts);
   at::Tensor grad_x, grad_w, grad_b;
   if (with_grad) {
-    if (mask[0]) grad_x = at::empty(x.sizes(), x.options());
+    // no products without a vocabulary (every target is then ignored: check_loss_args): zeros
+    if (mask[0]) grad_x = vocab > 0 ? at::empty(x.sizes(), x.options()) : at::zeros(x.sizes(), x.options());
     if (mask[1]) grad_w = at::zeros(weight.sizes(), fopts);  // summed over blocks in the compute type, rounded once
     if (mask[2] && bias.defined()) grad_b = at::zeros({vocab}, fopts);
   }
   const at::Tensor w_t = weight.t();
   const int64_t block = loss_block_rows(rows, vocab);
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
+  for (int64_t r0 = 0; r0 < rows && vocab > 0; r0 += block) {
     const int64_t r1 = std::min(rows, r0 + block);
     const at::Tensor xb = x.slice(0, r0, r1), tb = target.slice(0, r0, r1);
     at::Tensor z = (bias.defined() ? at::addmm(bias, xb, w_t) : at::mm(xb, w_t)).to(compute);
@@ -692,7 +693,7 @@ LossArgs check_loss_args(const at::Tensor& input, const at::Tensor& weight, cons
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, op, ": softcap must be finite and > 0 (0: none), got ",
                     show(softcap));
   TORCH_CHECK_VALUE(std::isfinite(z_loss) && z_loss >= 0, op, ": z_loss must be finite and >= 0, got ", show(z_loss));
-  if (input.size(0) > 0 && weight.size(0) > 0) {
+  if (input.size(0) > 0) {
     const at::Tensor bad = (target != ignore_index) & ((target < 0) | (target >= weight.size(0)));
     TORCH_CHECK_INDEX(!bad.any().item<bool>(), op, ": target holds a class outside [0, ", show(weight.size(0)),
                       ") that is not ignore_index (", show(ignore_index), ")");
