@@ -55,7 +55,7 @@ C10_ALWAYS_INLINE at::vec::Vectorized<float> fast_exp(const at::vec::Vectorized<
 // erfcx(y) = exp(y^2) erfc(y) ~ t Q(t), t = 1/(1 + 0.45 y), Q of degree 9 fitted for relative
 // error (under 2e-8; within 3 ulps in float, tails included). z^2/2 enters the exp with its
 // rounding error (fma), so that the tail, where e's relative error is z^2 times the exponent's,
-// keeps its digits. Phi(-15) is 0 in float.
+// keeps its digits. Phi(-15) is 0 in float. Near 0 a polynomial in z (see below).
 C10_ALWAYS_INLINE Normal<at::vec::Vectorized<float>> fast_normal(const at::vec::Vectorized<float>& z) {
   using V = at::vec::Vectorized<float>;
   using at::vec::fmadd;
@@ -69,7 +69,14 @@ C10_ALWAYS_INLINE Normal<at::vec::Vectorized<float>> fast_normal(const at::vec::
                       t4, fmadd(fmadd(V(0.188608497f), t, V(0.22566998f)), t2, fmadd(V(0.254162371f), t, V(0.253872752f))));
   const V q = fmadd(fmadd(V(-0.0346760228f), t, V(0.154987887f)), t4 * t4, low);
   const V tail = V(0.5f) * t * q * e;
-  return {V::blendv(V(1.0f) - tail, tail, z < V(0.0f)), e * V(0.398942280f)};  // 1/sqrt(2 pi)
+  const V far = V::blendv(V(1.0f) - tail, tail, z < V(0.0f));
+  // Below |z| = 1.2, where 1/2 - Phi(-|z|) would cancel the tail's roundings into Phi:
+  // 1/2 + c z + z^3 R(z^2), c = 1/sqrt(2 pi) in two parts (its rounding alone is an ulp there).
+  const V r = fmadd(fmadd(fmadd(fmadd(fmadd(fmadd(V(-4.25886348e-08f), aa, V(6.96525092e-07f)), aa, V(-9.5075784e-06f)),
+                                      aa, V(0.000115487099f)), aa, V(-0.00118734711f)), aa, V(0.00997355953f)),
+                    aa, V(-0.066490382f));
+  const V near = fmadd(V(0.398942292f), z, V(0.5f)) + fmadd(V(-1.13351701e-08f), z, z * aa * r);
+  return {V::blendv(far, near, a < V(1.2f)), e * V(0.398942280f)};  // 1/sqrt(2 pi)
 }
 
 // One SIMD vector of compute type T (float or double); see ScalarMath in activations.h.
