@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -620,6 +621,8 @@ std::array<at::Tensor, 4> loss_blocks(const at::Tensor& x, const at::Tensor& wei
     if (mask[1]) grad_w = at::zeros(weight.sizes(), fopts);  // summed over blocks in the compute type, rounded once
     if (mask[2] && bias.defined()) grad_b = at::zeros({vocab}, fopts);
   }
+  // the smoothing term's mean over no classes is 0/0 in every row, ignored ones too, as native's
+  if (vocab == 0 && a.label_smoothing != 0) loss.fill_(std::numeric_limits<double>::quiet_NaN());
   const at::Tensor w_t = weight.t();
   const int64_t block = loss_block_rows(rows, vocab);
   for (int64_t r0 = 0; r0 < rows && vocab > 0; r0 += block) {

@@ -78,6 +78,25 @@ def test_nan_and_inf_propagate_like_native(name, device):
         torch.testing.assert_close(ours[same], ref[same])
 
 
+# The sign of act(-0) where native's is not x * (a positive factor) = -0, as IEEE arithmetic gives
+# (native CPU gelu(-0) is +0; x * Phi(x) at -0 is -0).
+SIGNED_ZERO_EXACT = {"gelu": -0.0}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ACTS)
+def test_signed_zeros_like_native(name, dtype, device):
+    """act(+0) and act(-0), in the vectorized body and in the tail, carry native's sign (tanh(-0) is
+    -0), or the exact one (SIGNED_ZERO_EXACT)."""
+    x = torch.tensor([0.0, -0.0], dtype=dtype, device=device).repeat(37)
+    y = bpext.functional.activation(x, name)
+    ref = resolve(name).reference(x)
+    if name in SIGNED_ZERO_EXACT:
+        ref[1::2] = SIGNED_ZERO_EXACT[name]
+    assert torch.equal(y, ref) and torch.equal(y.signbit(), ref.signbit())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_leading_dims_and_non_contiguous(device):
     x = torch.randn(4, 6, 8, device=device).transpose(0, 2)[::2]  # non-contiguous, 3-D

@@ -65,18 +65,21 @@ def test_equals_native_loss_and_gradients(options, bias, device):
     torch.testing.assert_close(torch.autograd.grad(ours, tensors, g), torch.autograd.grad(ref, tensors, g))
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_a_vocabulary_of_none_equals_native(reduction):
-    """0 classes: every target ignored gives native's zeros (NaN for the mean of none); any other raises."""
+def test_a_vocabulary_of_none_equals_native(reduction, label_smoothing):
+    """0 classes: every target ignored gives native's zeros (NaN for the mean of none, and for a smoothing
+    term's mean over no classes); any other raises."""
     x, w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(0, 4, dtype=torch.float64,
                                                                                   requires_grad=True)
     t = torch.full((3,), -100)
-    ours, ref = B.linear_cross_entropy(x, w, t, reduction=reduction), native(x, w, t, reduction=reduction)
+    options = {"reduction": reduction, "label_smoothing": label_smoothing}
+    ours, ref = B.linear_cross_entropy(x, w, t, **options), native(x, w, t, **options)
     torch.testing.assert_close(ours, ref, equal_nan=True)
     for a, n in zip(torch.autograd.grad(ours.sum(), [x, w]), torch.autograd.grad(ref.sum(), [x, w])):
         torch.testing.assert_close(a, n)
     with pytest.raises(IndexError, match="outside"):
-        B.linear_cross_entropy(x, w, torch.zeros(3, dtype=torch.long), reduction=reduction)
+        B.linear_cross_entropy(x, w, torch.zeros(3, dtype=torch.long), **options)
 
 
 @pytest.mark.parametrize("options", [OPTIONS["mean"], OPTIONS["none"], OPTIONS["everything"]],

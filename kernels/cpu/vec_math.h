@@ -113,7 +113,7 @@ struct VecMath {
       small = a.tanh();
     }
     const V r = V::blendv(V(T(1)) - V(T(2)) / (exp(a + a) + V(T(1))), small, a < V(T(0.55)));
-    return V::blendv(r, V(T(0)) - r, x < V(T(0)));  // the sign of x; NaN stays NaN
+    return r | (x & V(T(-0.0)));  // x's sign bit on |tanh x| (tanh(-0) is -0); NaN stays NaN
   }
   C10_ALWAYS_INLINE static V erfc(const V& x) { return x.erfc(); }
   // Phi(z) and phi(z) at once, for float: see fast_normal (activations.h's GELU uses it where M has it).
