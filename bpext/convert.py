@@ -63,7 +63,7 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
     for module in model.modules():  # the rewrites assume the model as convert leaves it
         fused = _fused_forward(module)
         for rewrite in fused.rewrites.values() if fused is not None else ():
-            rewrite.assumed = _Assumed.of(module, rewrite.fused, rewrite.groups)
+            rewrite.assumed = _Assumed.of(module, rewrite)
         if fuse:
             causal_lm.wire(module)
     return model
@@ -604,6 +604,17 @@ def _same_attributes(module: nn.Module, expected: tuple) -> bool:
     return True
 
 
+def _same_children(module: nn.Module, children: tuple) -> bool:
+    """module's children are these (name, child) pairs, the same objects."""
+    now = module._modules
+    if len(now) != len(children):
+        return False
+    for name, child in children:
+        if now.get(name) is not child:
+            return False
+    return True
+
+
 def _same_items(now, before) -> bool:
     """A container's items are the same objects as in the copy of it."""
     if len(now) != len(before):
@@ -629,25 +640,26 @@ class _Assumed:
     fused: tuple  # (name, child, its class, its attributes)
     groups: tuple  # ((Linear, ...), the widest dtype or None, the TP plan it may run) per pattern
     planned: frozenset  # the Linears that may have a TP plan's hooks
+    reached: tuple  # (path, module, its train flag as traced, its attributes, its children) of each module below
 
     @staticmethod
-    def of(module: nn.Module, fused: tuple, groups: tuple) -> "_Assumed":
-        linears = tuple((tuple(module.get_submodule(t) for t in names), widest, plan) for names, widest, plan in groups)
+    def of(module: nn.Module, rewrite: "_Rewrite") -> "_Assumed":
+        linears = tuple((tuple(module.get_submodule(t) for t in names), widest, plan)
+                        for names, widest, plan in rewrite.groups)
+        reached = tuple((path, sub, training, _attributes(sub), tuple(sub._modules.items()))
+                        for path, training in rewrite.reached if (sub := _submodule(module, path)) is not None)
         return _Assumed(type(module).forward, _attributes(module), tuple(module._modules.items()),
                         tuple((k, b, b._version) for k, b in module._buffers.items() if b is not None),
-                        tuple((t, c, type(c), _attributes(c)) for t, c in ((t, module.get_submodule(t)) for t in fused)),
-                        linears, frozenset(linear for group, _, plan in linears if plan for linear in group))
+                        tuple((t, c, type(c), _attributes(c)) for t, c in ((t, module.get_submodule(t))
+                                                                            for t in rewrite.fused)),
+                        linears, frozenset(linear for group, _, plan in linears if plan for linear in group), reached)
 
     def holds(self, module: nn.Module) -> bool:
         for hooks in _GLOBAL_HOOKS:
             if hooks:
                 return False
-        children = module._modules
-        if type(module).forward is not self.forward or len(children) != len(self.children):
+        if type(module).forward is not self.forward or not _same_children(module, self.children):
             return False
-        for name, child in self.children:
-            if children.get(name) is not child:
-                return False
         if not _same_attributes(module, self.attributes):
             return False
         buffers = module._buffers
@@ -655,6 +667,10 @@ class _Assumed:
             return False
         for name, buffer, version in self.buffers:
             if buffers.get(name) is not buffer or buffer._version != version:
+                return False
+        for path, sub, training, attributes, children in self.reached:  # a ModuleList's item replaced or added, ...
+            if (_submodule(module, path) is not sub or sub.training != training
+                    or not _same_attributes(sub, attributes) or not _same_children(sub, children)):
                 return False
         for _, child, cls, attributes in self.fused:
             if (type(child) is not cls or _has_hooks(child) and child not in self.planned
@@ -695,6 +711,16 @@ class _Assumed:
             return "its attributes"
         if any(module._buffers.get(n) is not b or b._version != v for n, b, v in self.buffers):
             return "its buffers"
+        for path, sub, training, attributes, children in self.reached:
+            where = ".".join(path)
+            if _submodule(module, path) is not sub:
+                return f"the module at {where}"
+            if sub.training != training:
+                return f"the train mode of {where}"
+            if not _same_attributes(sub, attributes):
+                return f"the attributes of {where}"
+            if not _same_children(sub, children):
+                return f"the children of {where}"
         for name, child, cls, attributes in self.fused:
             if type(child) is not cls:
                 return f"the class of {name}"
@@ -787,6 +813,7 @@ class _Rewrite:
     assumed: _Assumed | None = None
     fn: object = None
     rest: Rest | None = None  # of a forward rewritten in part: the statements around the part, run as written
+    reached: tuple = ()  # the modules it reaches below the root (_reached)
 
     def __post_init__(self):
         if self.fn is None:
@@ -810,7 +837,8 @@ class _Rewrite:
     def copy(self, memo: dict) -> "_Rewrite":
         """For a deep copy of the module (in ``memo``): what it assumed, of the copy's objects."""
         return _Rewrite(self.src, self.scope, self.descriptions, self.fused, self.groups,
-                        copy.deepcopy(self.calls, memo), copy.deepcopy(self.assumed, memo), self.fn, self.rest)
+                        copy.deepcopy(self.calls, memo), copy.deepcopy(self.assumed, memo), self.fn, self.rest,
+                        self.reached)
 
 
 def _rewrite(module: nn.Module, training: bool) -> tuple[tuple, _Rewrite | None, set[str], str | None]:
@@ -865,10 +893,35 @@ def _traced_rewrite(module: nn.Module, window: tuple | None) -> tuple[_Rewrite |
     code = graph.python_code(root_module="self")
     try:
         rewrite = _Rewrite(code.src, dict(code.globals), found, tuple(sorted(rewriter.fused)), tuple(rewriter.groups),
-                           tracer.calls(), rest=rest)
+                           tracer.calls(), rest=rest, reached=_reached(module, graph, rewriter.fused))
     except SyntaxError:  # a signature fx does not write back (a required keyword after a default)
         return None, rewriter.hooked, None
     return rewrite, rewriter.hooked, None
+
+
+def _reached(module: nn.Module, graph: fx.Graph, fused) -> tuple:
+    """The modules whose state a rewrite of ``module`` took as it was traced: those it fused, and every
+    module on the path to one its code reads or calls (a ModuleList it iterated, a child whose child it
+    calls), each as (its path's names, its train flag as traced). The rewrite holds while the same
+    objects are at those paths, in the same mode (a fused dropout stays off), with the same attributes
+    and children. (A module the code calls runs its own forward as it is then.)"""
+    targets = {tuple(n.target.split(".")) for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    paths = {*(tuple(t.split(".")) for t in fused), *(t[:i] for t in targets for i in range(1, len(t)))}
+    found = []
+    for path in sorted(paths):
+        sub = _submodule(module, path)
+        if sub is not None:  # (a get_attr of a parameter or a buffer ends in one)
+            found.append((path, sub.training))
+    return tuple(found)
+
+
+def _submodule(module: nn.Module, path: tuple) -> nn.Module | None:
+    """The module at ``path`` (names) below ``module`` now, or None."""
+    for name in path:
+        module = module._modules.get(name)
+        if module is None:
+            return None
+    return module
 
 
 class FusedForward:
@@ -922,7 +975,7 @@ class FusedForward:
 
     def __reduce__(self):
         # Only rewrites that hold now, and whose generated code pickles, travel along.
-        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.calls, r.assumed, None, r.rest)
+        kept = {state: (r.src, scope, r.descriptions, r.fused, r.groups, r.calls, r.assumed, None, r.rest, r.reached)
                 for state, r in self.rewrites.items() if r.holds(self.module) and (scope := r.portable_scope()) is not None}
         return (_restore, (self.module, kept))
 

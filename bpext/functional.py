@@ -935,14 +935,16 @@ def _native_gated(x, weight_gate, bias_gate, weight_up, bias_up, act: Act) -> to
 
 def _autocast(*tensors):
     """Under torch.autocast, casts the inputs to the autocast dtype as nn.Linear does (gradients
-    flow back through the casts); otherwise returns them unchanged."""
+    flow back through the casts): the floating tensors of autocast's device but float64 ones;
+    otherwise returns them unchanged."""
     if not torch._C._is_any_autocast_enabled():  # the common case, checked in 0.1 us
         return tensors
     device_type = tensors[0].device.type
     if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 and t.device.type == device_type else t for t in tensors)
 
 
 def activation(x: torch.Tensor, activation: str | Act = "relu", **params: float) -> torch.Tensor:
@@ -1114,8 +1116,8 @@ def linear_cross_entropy(
         loss = ops.linear_cross_entropy_forward(rows, weight, bias, tokens, *options, list(mask))[0]
     else:
         loss = LinearCrossEntropyFunction.apply(rows, weight, bias, tokens, options, mask)[0]
-    if dtype is None:  # autocast computes cross-entropy in float32
+    if dtype is None:  # autocast computes cross-entropy in float32 (float64 in float64)
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type)
-        dtype = torch.float32 if autocast else input.dtype
+        dtype = torch.float32 if autocast and input.dtype != torch.float64 else input.dtype
     loss = loss.to(dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss

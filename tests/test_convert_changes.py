@@ -177,6 +177,77 @@ def test_lora_added_after_convert_trains_like_native_lora():
     torch.testing.assert_close(results[1], results[0])
 
 
+class Looping(nn.Module):
+    """A forward that iterates a ModuleList and calls a child's children: the trace unrolls the list and
+    reaches below the direct children."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.ModuleList([nn.Linear(4, 8), nn.Linear(8, 8)])
+        self.act = nn.GELU()
+        self.block = nn.Module()
+        self.block.fc, self.block.drop, self.block.act = nn.Linear(8, 8), nn.Dropout(0.5), nn.Tanh()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = self.act(layer(x))
+        return self.out(self.block.act(self.block.drop(self.block.fc(x))))
+
+
+def _hooked(module):
+    module.register_forward_hook(lambda mod, i, o: o * 2)
+    return module
+
+
+F64 = {"dtype": torch.float64}
+NESTED_CHANGES = {
+    "a ModuleList's item replaced": lambda m: m.hidden.__setitem__(1, nn.Sequential(nn.Linear(8, 8, **F64), nn.Tanh())),
+    "a ModuleList's item replaced by a subclass": lambda m: m.hidden.__setitem__(1, WithExtraPath(8, 8, **F64)),
+    "a ModuleList's item replaced by a hooked Linear": lambda m: m.hidden.__setitem__(
+        1, _hooked(nn.Linear(8, 8, **F64))),
+    "a ModuleList grown": lambda m: m.hidden.append(nn.Linear(8, 8, **F64)),
+    "a child's fused child replaced": lambda m: setattr(m.block, "act", nn.ReLU()),
+    "a child's dropout turned on alone": lambda m: m.block.drop.train(),
+    "a child's Linear hooked": lambda m: _hooked(m.block.fc),
+}
+
+
+@pytest.mark.parametrize("change", NESTED_CHANGES.values(), ids=NESTED_CHANGES.keys())
+def test_a_change_below_the_children_after_convert_is_what_runs(change):
+    native, ours = _pair(lambda: Looping().double().eval())
+    assert bpext.fusions(ours) == {"": ["mlp(hidden.0, hidden.1, block.fc, gelu, tanh)"]}  # past the dropout (off)
+    torch.manual_seed(1)
+    change(native)
+    torch.manual_seed(1)
+    change(ours)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        torch.manual_seed(2)
+        ours_step = _step(ours, x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(ours_step, _step(native, x))
+    assert any("changed after convert" in str(w.message) for w in said)
+
+
+def test_lora_added_after_convert_below_a_module_list_is_what_runs():
+    """transformers' SamFeedForward calls the Linears of a ModuleList: LoRA put there after convert runs."""
+    peft = pytest.importorskip("peft")
+    sam = pytest.importorskip("transformers.models.sam.modeling_sam")
+    native, ours = _pair(lambda: sam.SamFeedForward(8, 16, 4, num_layers=4).double())
+    assert bpext.fusions(ours)  # the ModuleList's Linears fused with the others
+    config = dict(r=2, lora_alpha=4, target_modules=["layers.0", "layers.1"], init_lora_weights=False)
+    torch.manual_seed(3)
+    native = peft.get_peft_model(native, peft.LoraConfig(**config))
+    torch.manual_seed(3)
+    ours = peft.get_peft_model(ours, peft.LoraConfig(**config))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(_step(ours, x), _step(native, x))
+
+
 # ---- forwards whose effects a trace does not record -------------------------------------------------
 
 

@@ -186,6 +186,34 @@ def test_autocast_runs_like_linear(device):
     assert layer.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("layer", ["dense", "mlp", "gated", "gated_mlp", "linear_cross_entropy"])
+def test_autocast_leaves_float64_as_native_does(layer):
+    """autocast casts float32 and 16-bit tensors, never float64 (torch's own rule): every layer computes
+    a float64 model in float64 under autocast, and its loss is float64."""
+    torch.manual_seed(0)
+    x, w, v, u = (torch.randn(*s, dtype=torch.float64) for s in ((5, 4), (6, 4), (6, 4), (4, 6)))
+    native = {
+        "dense": lambda: torch.nn.functional.gelu(torch.nn.functional.linear(x, w)),
+        "mlp": lambda: torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w)), u),
+        "gated": lambda: torch.nn.functional.silu(torch.nn.functional.linear(x, w)) * torch.nn.functional.linear(x, v),
+        "gated_mlp": lambda: torch.nn.functional.linear(
+            torch.nn.functional.silu(torch.nn.functional.linear(x, w)) * torch.nn.functional.linear(x, v), u),
+        "linear_cross_entropy": lambda: torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w),
+                                                                         torch.arange(5)),
+    }[layer]
+    ours = {
+        "dense": lambda: bpext.functional.dense(x, w, None, "gelu"),
+        "mlp": lambda: bpext.functional.mlp(x, [w, u], None, "relu"),
+        "gated": lambda: bpext.functional.gated(x, w, v, activation="silu"),
+        "gated_mlp": lambda: bpext.functional.gated_mlp(x, w, v, u, activation="silu"),
+        "linear_cross_entropy": lambda: bpext.functional.linear_cross_entropy(x, w, torch.arange(5)),
+    }[layer]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = native(), ours()
+    assert got.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
 def test_second_device():
