@@ -94,6 +94,9 @@ class CausalLMForward(functools.partial):
         return inspect.signature(functools.partial(type(model).forward, model))
 
 
+FORWARDS = (CausalLMForward, HeadForward)  # what wire installs as a module's forward
+
+
 def _wired_call(model: nn.Module, *args, **kwargs):
     forward = type(model).forward
     head = model._modules.get("lm_head")

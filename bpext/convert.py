@@ -66,6 +66,9 @@ def convert(model: nn.Module, fuse: bool = True) -> nn.Module:
             rewrite.assumed = _Assumed.of(module, rewrite)
         if fuse:
             causal_lm.wire(module)
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), (BoundForward, *causal_lm.FORWARDS)):
+            module.__dict__["_replicate_for_data_parallel"] = functools.partial(_replica, module)
     return model
 
 
@@ -578,7 +581,7 @@ _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, h) for h in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-_INSTALLED = ("forward", "__prepare_scriptable__")  # what convert installs on a module
+_INSTALLED = ("forward", "__prepare_scriptable__", "_replicate_for_data_parallel")  # what convert installs
 _INTERNAL = frozenset(vars(nn.Module())) | set(_INSTALLED)  # nn.Module's own bookkeeping, and convert's
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
@@ -1006,6 +1009,15 @@ class BoundForward(functools.partial):
     def __signature__(self):
         fused = self.args[0]
         return inspect.signature(functools.partial(type(fused.module).forward, fused.module))
+
+
+def _replica(module: nn.Module) -> nn.Module:
+    """nn.DataParallel's replica of a converted module: it runs its class's forward (what convert installed
+    is bound to ``module``, whose parameters live on the first device)."""
+    replica = type(module)._replicate_for_data_parallel(module)
+    for name in _INSTALLED:
+        replica.__dict__.pop(name, None)
+    return replica
 
 
 def _scriptable(module: nn.Module) -> nn.Module:

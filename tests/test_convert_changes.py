@@ -248,6 +248,22 @@ def test_lora_added_after_convert_below_a_module_list_is_what_runs():
         torch.testing.assert_close(_step(ours, x), _step(native, x))
 
 
+def test_data_parallel_replicas_compute_with_their_own_parameters(monkeypatch):
+    """nn.DataParallel's replicate, with each replica's parameters made different (as copies on other
+    devices are): each replica of a fused MLP and of a wired causal LM computes with its own."""
+    replicate = __import__("torch.nn.parallel.replicate", fromlist=["replicate"])
+    monkeypatch.setattr(replicate, "_broadcast_coalesced_reshape", lambda tensors, devices, detach=False: [
+        [(t * (1 + 0.5 * j)).detach() if detach else t * (1 + 0.5 * j) for t in tensors] for j in range(len(devices))])
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    for make, call in ((_stack, lambda m: m(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)))),
+                       (_llama, lambda m: m(input_ids=ids, labels=ids).loss)):
+        native, ours = _pair(make)
+        for replica_n, replica_o in zip(replicate.replicate(native, [0, 1]), replicate.replicate(ours, [0, 1])):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.testing.assert_close(call(replica_o), call(replica_n))
+
+
 # ---- forwards whose effects a trace does not record -------------------------------------------------
 
 
