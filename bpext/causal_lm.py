@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -46,17 +47,32 @@ class _Call:
 
     def __init__(self, model: nn.Module):
         self.model, self.hidden = model, None
+        self.forward = inspect.unwrap(type(model).forward).__code__  # (transformers decorates it)
+
+
+_MODULE_CALL = inspect.getsourcefile(nn.Module)  # nn.Module.__call__ and its helpers
+
+
+def _caller(depth: int):
+    """The code that called a module, ``depth`` frames up, past nn.Module's own call machinery."""
+    frame = sys._getframe(depth + 1)
+    while frame is not None and frame.f_code.co_filename == _MODULE_CALL:
+        frame = frame.f_back
+    return None if frame is None else frame.f_code
 
 
 class HeadForward:
-    """The wired ``lm_head.forward``: within a wired call, keeps its input and returns no logits."""
+    """The wired ``lm_head.forward``: within a wired call, called by the model's own forward, keeps its
+    input and returns no logits (a call from elsewhere, a hook's logit lens, gets its logits). Under
+    torch.compile, whose frames are not the model's, the first call within the wired call."""
 
     def __init__(self, head: nn.Module):
         self.head = head
 
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
         call = _CALL.get()
-        if call is not None and call.model.lm_head is self.head and call.hidden is None:
+        if (call is not None and call.model.lm_head is self.head and call.hidden is None
+                and (torch.compiler.is_compiling() or _caller(1) is call.forward)):
             call.hidden = input
             return input.new_empty((*input.shape[:-1], 0))
         return type(self.head).forward(self.head, input)

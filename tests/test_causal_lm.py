@@ -111,6 +111,27 @@ def test_a_hook_on_the_head_or_a_new_loss_function_runs_natively():
     torch.testing.assert_close(ours(input_ids=ids, labels=labels).loss, native(input_ids=ids, labels=labels).loss)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2 (tied)"])
+def test_the_head_called_from_a_layers_hook_gives_its_logits(name):
+    """A logit lens: a hook inside the model calls lm_head during the wired call. It gets its logits, and
+    the loss is still the model's (from the head's call in the model's own forward)."""
+    native, ours = _pair(MODELS[name])
+    ids, labels = _batch()
+    results = []
+    for model in (native, ours):
+        lens = []
+        base = model.base_model
+        layers = base.layers if hasattr(base, "layers") else base.h
+        norm = base.norm if hasattr(base, "norm") else base.ln_f
+        layers[0].register_forward_hook(
+            lambda mod, i, o, m=model, n=norm, lens=lens: lens.append(m.lm_head(n(o[0] if isinstance(o, tuple) else o))))
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), lens[0].detach(), [p.grad for p in model.parameters()]))
+    assert results[1][1].shape == (2, 9, 97)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-6)
+
+
 def test_pickles_and_copies_wired():
     import pickle
 
