@@ -681,8 +681,9 @@ LossArgs check_loss_args(const at::Tensor& input, const at::Tensor& weight, cons
                          double z_loss, c10::string_view reduction, std::optional<double> divisor, const char* op) {
   TORCH_CHECK_VALUE(reduction == "mean" || reduction == "sum" || reduction == "none", op,
                     ": reduction must be mean, sum or none, got ", std::string(reduction));
-  TORCH_CHECK_VALUE(!divisor.has_value() || (std::isfinite(*divisor) && *divisor != 0), op,
-                    ": divisor must be finite and nonzero, got ", show(divisor.value_or(0.0)));
+  // (0: the summed loss over 0 is inf, or NaN where it is 0, as native's; its gradients inf or NaN)
+  TORCH_CHECK_VALUE(!divisor.has_value() || std::isfinite(*divisor), op, ": divisor must be finite, got ",
+                    show(divisor.value_or(0.0)));
   check_floating(input, op, "input");
   TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (tokens, hidden), got shape ", show(input.sizes()));
   check_weight(input, weight, input.size(1), op, "weight");

@@ -65,6 +65,22 @@ def test_equals_native_loss_and_gradients(options, bias, device):
     torch.testing.assert_close(torch.autograd.grad(ours, tensors, g), torch.autograd.grad(ref, tensors, g))
 
 
+@pytest.mark.parametrize("ignored", [2, 15], ids=["some ignored", "every target ignored"])
+def test_a_divisor_of_zero_is_natives_inf_or_nan(ignored):
+    """transformers' num_items_in_batch is 0 when an accumulated batch has no label: the summed loss over
+    0 is inf (NaN where every target is ignored, 0/0), as native's; the gradients are non-finite where
+    native's are, zeros where native's are (ignored rows)."""
+    x, w, b, t = data(ignored=ignored)
+    tensors = [x, w, b]
+    ours = B.linear_cross_entropy(x, w, t, b, reduction="sum", divisor=0.0)
+    ref = F.cross_entropy(F.linear(x, w, b).flatten(0, -2), t.flatten(), reduction="sum") / 0.0  # transformers'
+    assert ref.isnan() if ignored == t.numel() else ref.isinf()
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    for a, n in zip(torch.autograd.grad(ours, tensors), torch.autograd.grad(ref, tensors)):
+        assert torch.equal(a.isfinite(), n.isfinite())
+        torch.testing.assert_close(a[a.isfinite()], n[n.isfinite()])
+
+
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_a_vocabulary_of_none_equals_native(reduction, label_smoothing):
