@@ -909,7 +909,8 @@ def _reached(module: nn.Module, graph: fx.Graph, fused) -> tuple:
     objects are at those paths, in the same mode (a fused dropout stays off), with the same attributes
     and children. (A module the code calls runs its own forward as it is then.)"""
     targets = {tuple(n.target.split(".")) for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    paths = {*(tuple(t.split(".")) for t in fused), *(t[:i] for t in targets for i in range(1, len(t)))}
+    # (a fused child's class, attributes and hooks, and the children's train flags, are checked already)
+    paths = {*(p for t in fused if len(p := tuple(t.split("."))) > 1), *(t[:i] for t in targets for i in range(1, len(t)))}
     found = []
     for path in sorted(paths):
         sub = _submodule(module, path)
