@@ -903,13 +903,13 @@ def _traced_rewrite(module: nn.Module, window: tuple | None) -> tuple[_Rewrite |
 
 
 def _reached(module: nn.Module, graph: fx.Graph, fused) -> tuple:
-    """The modules whose state a rewrite of ``module`` took as it was traced: those it fused, and every
-    module on the path to one its code reads or calls (a ModuleList it iterated, a child whose child it
-    calls), each as (its path's names, its train flag as traced). The rewrite holds while the same
-    objects are at those paths, in the same mode (a fused dropout stays off), with the same attributes
-    and children. (A module the code calls runs its own forward as it is then.)"""
+    """The modules whose state a rewrite of ``module`` took as it was traced, below what _Assumed checks of
+    its children: those it fused below the children, and every module on the path to one its code reads
+    or calls (a ModuleList it iterated, a child whose child it calls), each as (its path's names, its
+    train flag as traced). The rewrite holds while the same objects are at those paths, in the same
+    mode (a fused dropout stays off), with the same attributes and children. (A module the code calls
+    runs its own forward as it is then.)"""
     targets = {tuple(n.target.split(".")) for n in graph.nodes if n.op in ("get_attr", "call_module")}
-    # (a fused child's class, attributes and hooks, and the children's train flags, are checked already)
     paths = {*(p for t in fused if len(p := tuple(t.split("."))) > 1), *(t[:i] for t in targets for i in range(1, len(t)))}
     found = []
     for path in sorted(paths):

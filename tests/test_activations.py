@@ -78,7 +78,7 @@ def test_nan_and_inf_propagate_like_native(name, device):
         torch.testing.assert_close(ours[same], ref[same])
 
 
-# The sign of act(-0) where native's is not x * (a positive factor) = -0, as IEEE arithmetic gives
+# act(-0) where native's is +0 but x * (a positive factor) is -0 in IEEE arithmetic, as bpext's is
 # (native CPU gelu(-0) is +0; x * Phi(x) at -0 is -0).
 SIGNED_ZERO_EXACT = {"gelu": -0.0}
 
