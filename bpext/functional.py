@@ -905,15 +905,18 @@ def _plain_eager() -> bool:
 
 
 def _composes_native(*tensors) -> bool:
-    """Where a Function's derivative would be lost, the layers compose native ops, whose derivatives
-    of every order are native's:
+    """Where a Function's derivative would be lost, or the kernels cannot take the input, the layers
+    compose native ops, whose derivatives of every order are native's:
 
     * a forward-mode derivative inside another (``jacfwd(jacfwd(f))``, ``jacrev(jacfwd(f))``): a
       Function's jvp runs below the outer transform's level, which sees none of its work (so the
       outer derivative of the tangent would be lost). Forward over reverse, ``hessian``, is exact.
     * under vmap, an input that an autograd outside the transforms tracks (``vmap(grad(f))``'s
       per-sample gradients, then ``backward`` through them): the Function's batched backward gave
-      that autograd wrong numbers or raised, for every layer."""
+      that autograd wrong numbers or raised, for every layer.
+    * a sparse input (x first): the kernels take strided tensors, native's F.linear sparse COO too."""
+    if tensors[0] is not None and tensors[0].layout is not torch.strided:
+        return True
     if not torch._C._are_functorch_transforms_active():
         return False
     transform = torch._C._functorch.TransformType
@@ -975,10 +978,10 @@ def dense(
     """
     act = resolve(activation, **params)
     x, weight, bias = _autocast(x, weight, bias)
-    if _plain_eager():
-        return ops.dense(x, weight, bias, act.name, act.params)
     if _composes_native(x, weight, bias):
         return act.reference(F.linear(x, weight, bias))
+    if _plain_eager():
+        return ops.dense(x, weight, bias, act.name, act.params)
     return_preact = act.saves == "input" and _builds_graph(x, weight, bias)
     if _through_ops():
         return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)[0]
