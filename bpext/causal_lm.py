@@ -53,9 +53,9 @@ class _Call:
 _MODULE_CALL = inspect.getsourcefile(nn.Module)  # nn.Module.__call__ and its helpers
 
 
-def _caller(depth: int):
-    """The code that called a module, ``depth`` frames up, past nn.Module's own call machinery."""
-    frame = sys._getframe(depth + 1)
+def _module_caller():
+    """The code that called the module whose forward calls this, past nn.Module's own call machinery."""
+    frame = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename == _MODULE_CALL:
         frame = frame.f_back
     return None if frame is None else frame.f_code
@@ -72,7 +72,7 @@ class HeadForward:
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
         call = _CALL.get()
         if (call is not None and call.model.lm_head is self.head and call.hidden is None
-                and (torch.compiler.is_compiling() or _caller(1) is call.forward)):
+                and (torch.compiler.is_compiling() or _module_caller() is call.forward)):
             call.hidden = input
             return input.new_empty((*input.shape[:-1], 0))
         return type(self.head).forward(self.head, input)
