@@ -32,8 +32,8 @@ from .activations import ResolvedActivation, resolve, resolve_by_values
 from .tensor_parallel import is_dtensor
 
 __all__ = [
-    "ActivationFunction", "ActivationBackwardFunction", "ActivationSecondFunction", "DenseFunction",
-    "GatedFunction", "GatedMLPFunction", "LinearCrossEntropyFunction", "MLPFunction", "activation", "dense", "gated",
+    "ActivationFunction", "ActivationBackwardFunction", "ActivationSecondFunction",
+    "GatedFunction", "GatedMLPFunction", "LinearCrossEntropyFunction", "activation", "dense", "gated",
     "gated_mlp", "linear_cross_entropy", "mlp",
 ]
 
@@ -301,60 +301,6 @@ def _dense_grads(grad_y, x, weight, saved, act: Act, mask, grad_preact=None):
     return _linear_grads(dz, x, weight, mask)
 
 
-@_eager_twin
-class DenseFunction(Function):
-    """(y, z) = (act(x @ weight.T + bias), x @ weight.T + bias) in one op; z is (0) unless
-    ``return_preact`` (``dense`` asks for it only when backward will read it).
-
-    Saves x only when the weight needs a gradient, the weight only when x does, and one of
-    y or z (per the activation's policy; nothing for identity). z is an output so that double
-    backward can send a gradient into it."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, act: Act, return_preact: bool):
-        return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, act, _ = inputs
-        y, preact = output
-        ctx.act = act
-        ctx.has_bias = bias is not None
-        _keep_differentiable(ctx, preact)
-        saved = _saved_of(act, preact, y)
-        needs = ctx.needs_input_grad
-        _save(ctx, (x if needs[1] else None, weight if needs[0] else None, None, saved), (x, weight, bias, saved))
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_preact):
-        x, weight, _, saved = ctx.saved_tensors
-        act, needs = ctx.act, ctx.needs_input_grad
-        mask = [needs[0], needs[1], needs[2] and ctx.has_bias]
-        if not ctx.kept_differentiable:
-            grad_preact = None
-        if grad_y is None and grad_preact is None:
-            return None, None, None, None, None
-        if grad_preact is not None or _needs_graph(grad_y, x, weight, saved):  # double backward: a graph of the gradients
-            return (*_dense_grads(grad_y, x, weight, saved, act, mask, grad_preact), None, None)
-        if saved is None:  # identity: backward reads nothing saved
-            saved = grad_y.new_empty(0)
-        grads = _fused(ops.dense_backward, grad_y, x, weight, saved, act.name, act.params, mask)
-        return (*(g if m else None for g, m in zip(grads, mask)), None, None)
-
-    @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t, *_):
-        x, weight, bias, saved = ctx.saved_tensors
-        act = ctx.act
-        preact_t = _linear_tangent(x, weight, x_t, weight_t, bias_t)
-        if preact_t is None:
-            return None, None
-        if act.saves == "input" and saved.numel() == 0 and preact_t.numel() > 0:
-            saved = F.linear(x, weight, bias)  # z was not kept (no backward expected): recompute it
-        return _derivative(preact_t, saved, act), preact_t if ctx.kept_differentiable else None
-
-
 # ---- layer stacks: MLP, gated layers --------------------------------------------------------------
 # Their backward ops recompute what they did not keep; jvp pushes tangents through the layers rebuilt
 # from F.linear and ActivationFunction. Double backward differentiates the gated layers' backward
@@ -417,103 +363,6 @@ def _op_biases(biases, like) -> list[torch.Tensor]:
 
 def _layer_biases(biases) -> list[torch.Tensor | None]:
     return [b if b.numel() > 0 else None for b in biases]
-
-
-def _mlp_setup(ctx, x, tensors, hidden: Act, output: Act, y, kept, needs):
-    """What MLPFunction and the mlp_forward op keep (see MLPFunction). ``needs``: x, the weights, the biases."""
-    n = len(tensors) // 2
-    ctx.acts, ctx.needs = (hidden, output), needs
-    ctx.has_bias = [b is not None for b in tensors[n:]]
-    # Differentiable where kept (not under torch.compile, which has no double backward; see _keep_differentiable)
-    ctx.kept_differentiable = not torch.compiler.is_compiling()
-    ctx.mark_non_differentiable(*[k for k in kept if not ctx.kept_differentiable or k.numel() == 0])
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the kept tensors
-    reads = _mlp_reads(needs, n)
-    y = y if output.saves == "output" else None  # the last layer's derivative reads the output
-    _save(ctx, (x if needs[1] else None, y, *(w if r else None for w, r in zip(tensors[:n], reads)), *[None] * n,
-                *kept), (x, y, *tensors, *kept))
-
-
-def _mlp_saved(ctx):
-    """x, y, the weights, the biases and the kept tensors of an MLP's ctx (None where not saved)."""
-    n = len(ctx.has_bias)
-    x, y, *rest = ctx.saved_tensors
-    return x, y, rest[:n], rest[n:2 * n], rest[2 * n:]
-
-
-def _mlp_backward(ctx, grad_y, grad_kept) -> list:
-    """-> [grad_x, *grad_weights, *grad_biases] (None where not needed)."""
-    x, y, weights, _, kept = _mlp_saved(ctx)
-    (hidden, output), needs, n = ctx.acts, ctx.needs, len(ctx.has_bias)
-    mask = [bool(needs[0]), *map(bool, needs[1:1 + n]),
-            *(bool(need) and has for need, has in zip(needs[1 + n:], ctx.has_bias))]
-    grad_kept = list(grad_kept) if ctx.kept_differentiable and len(grad_kept) == n else [None] * n
-    into_kept = [g for g in grad_kept if g is not None]
-    if grad_y is None and not into_kept:
-        return [None] * (1 + 2 * n)
-    # Composed of differentiable pieces where gradients reach the kept tensors, under create_graph=True, and
-    # under the legacy vmap of gradcheck's batched-gradient check, which has no fallback for ops returning lists.
-    if into_kept or _needs_graph(grad_y, x, y, *weights, *kept) or torch._C._functorch.is_legacy_batchedtensor(grad_y):
-        grads = _mlp_grads(grad_y, grad_kept, x, y, weights, kept, [hidden] * (n - 1) + [output], mask)
-    else:
-        placeholder = grad_y.new_empty(0)
-        grad_x, grad_w, grad_b = _fused(ops.mlp_backward, grad_y, x, y if y is not None else placeholder,
-                                        [w if w is not None else placeholder for w in weights], list(kept),
-                                        hidden.name, hidden.params, output.name, output.params, mask)
-        grads = [grad_x, *grad_w, *grad_b]
-    return [g if asked else None for g, asked in zip(grads, mask)]
-
-
-def _mlp_jvp(ctx, x_t, tensor_t):
-    """The tangents of y and of the kept tensors (z or y per layer; none for a last layer keeping nothing)."""
-    x, _, weights, biases, kept = _mlp_saved(ctx)
-    hidden, output = ctx.acts
-    n = len(weights)
-    h, h_t, kept_t = x, x_t, []
-    for i in range(n):
-        act = output if i == n - 1 else hidden
-        z_t = _linear_tangent(h, weights[i], h_t, tensor_t[i], tensor_t[n + i])
-        h, h_t = _activation_tangent(F.linear(h, weights[i], biases[i]), z_t, act)
-        kept_t.append(z_t if act.saves == "input" else h_t if i < n - 1 else None)
-    return (h_t, *(kept_t if ctx.kept_differentiable else [None] * n)[:len(kept)])
-
-
-@_eager_twin
-class MLPFunction(Function):
-    """A whole multi-layer perceptron: ``output(L_n(...hidden(L_1(x))))`` in one op each way.
-
-    Keeps one tensor per hidden layer (y where the derivative follows from it, else z) and the
-    last layer's z where its derivative reads z; backward recomputes act(z) where it needs a
-    layer's input. Saves the kept tensors, x only where the first weight needs a gradient, a
-    weight only where something below its layer does, the output where the last activation's
-    derivative reads it; never a bias. ``tensors`` are the n_layers weights, then the n_layers
-    biases (None allowed). Returns (y, *kept): the kept tensors are differentiable outputs, so that
-    double backward reaches the layers through them."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, hidden: Act, output: Act, save: bool, *tensors):
-        n = len(tensors) // 2
-        y, kept = ops.mlp_forward(x, list(tensors[:n]), _op_biases(tensors[n:], x), hidden.name, hidden.params,
-                                  output.name, output.params, save)
-        return (y, *kept)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, hidden, out_act, _, *tensors = inputs
-        y, *kept = output
-        needs = ctx.needs_input_grad
-        _mlp_setup(ctx, x, tensors, hidden, out_act, y, kept, (needs[0], *needs[len(inputs) - len(tensors):]))
-
-    @staticmethod
-    def backward(ctx, grad_y, *grad_kept):
-        grad_x, *grads = _mlp_backward(ctx, grad_y, grad_kept)
-        return (grad_x, None, None, None, *grads)
-
-    @staticmethod
-    def jvp(ctx, x_t, *tangents):
-        return _mlp_jvp(ctx, x_t, tangents[len(tangents) - 2 * len(ctx.has_bias):])  # the tensors' tangents
 
 
 def _gated_grads(grad_h, x, weight_gate, weight_up, gate, up, act: Act, mask, grad_gate=None, grad_up=None):
@@ -721,16 +570,6 @@ def _register(op_name: str, function: type[Function], at: int) -> None:
     torch.library.register_autograd(f"bpext::{op_name}", backward, setup_context=setup_context)
 
 
-def _mlp_op_setup_context(ctx, inputs, output):
-    x, weights, biases, activation, params, output_activation, output_params, _ = inputs
-    y, saved = output
-    tensors = [*weights, *_layer_biases(biases)]
-    needs = ctx.needs_input_grad  # lists arrive flattened: x, the weights, the biases, ...
-    ctx.op_args = inputs
-    _mlp_setup(ctx, x, tensors, resolve_by_values(activation, tuple(params)),
-               resolve_by_values(output_activation, tuple(output_params)), y, saved, needs[:1 + len(tensors)])
-
-
 def _per_argument(inputs: tuple, grad_of) -> tuple:
     """A backward's result in the structure torch.library expects of an op with lists of tensors: a
     list of gradients for a list of tensors (an empty list included), None for anything else."""
@@ -738,16 +577,6 @@ def _per_argument(inputs: tuple, grad_of) -> tuple:
     return tuple([grad_of(t) for t in a] if tensor_lists and isinstance(a, list) and all(
         isinstance(t, torch.Tensor) for t in a) else grad_of(a) if isinstance(a, torch.Tensor) else None
         for a in inputs)
-
-
-def _mlp_op_backward(ctx, grad_y, grad_kept):
-    """By position: x, the weights, the biases (a tensor passed twice gets each place's gradient,
-    which autograd adds up), then None for each argument that is not a tensor."""
-    out = list(_per_argument(ctx.op_args, lambda t: None))
-    grad_x, *grads = _mlp_backward(ctx, grad_y, grad_kept if grad_kept is not None else ())
-    n = len(ctx.has_bias)
-    out[:3] = grad_x, list(grads[:n]), list(grads[n:])
-    return tuple(out)
 
 
 # The backward ops are reached by autograd only when differentiated directly (opcheck; the backward
@@ -836,10 +665,9 @@ torch.library.register_autograd("bpext::linear_cross_entropy_backward", _no_doub
 for _op, _function, _at in (("activation_forward", ActivationFunction, 1),
                             ("activation_backward", ActivationBackwardFunction, 2),
                             ("activation_double_backward", ActivationSecondFunction, 3),
-                            ("dense_forward", DenseFunction, 3), ("gated_forward", GatedFunction, 5),
+                            ("gated_forward", GatedFunction, 5),
                             ("gated_mlp_forward", GatedMLPFunction, 7)):
     _register(_op, _function, _at)
-torch.library.register_autograd("bpext::mlp_forward", _mlp_op_backward, setup_context=_mlp_op_setup_context)
 
 
 # ---- the differentiable forms, for the double backward of the C++ Functions ------------------------
@@ -849,16 +677,76 @@ torch.library.register_autograd("bpext::mlp_forward", _mlp_op_backward, setup_co
 _library = torch.library.Library("bpext", "FRAGMENT")
 _library.define("dense_grads(Tensor? grad_y, Tensor? grad_preact, Tensor? x, Tensor? weight, Tensor? saved, "
                 "str activation, float[] params, bool[3] mask) -> (Tensor, Tensor, Tensor)")
+_library.define("dense_jvp(Tensor x, Tensor weight, Tensor? bias, Tensor? x_t, Tensor? weight_t, Tensor? bias_t, "
+                "Tensor y, Tensor preact, str activation, float[] params) -> (Tensor, Tensor)")
+_library.define("mlp_jvp(Tensor x, Tensor[] weights, Tensor[] biases, Tensor? x_t, Tensor?[] weights_t, "
+                "Tensor?[] biases_t, str activation, float[] params, str output_activation, float[] output_params) "
+                "-> (Tensor, Tensor[])")
 _library.define("mlp_grads(Tensor? grad_y, Tensor[] grad_kept, Tensor? x, Tensor y, Tensor[] weights, Tensor[] saved, "
                 "str activation, float[] params, str output_activation, float[] output_params, bool[] mask) -> Tensor[]")
 
 
 def _dense_grads_op(grad_y, grad_preact, x, weight, saved, activation, params, mask):
-    """_dense_grads; (0) where mask says no. ``saved`` is unread (or none) where act saves nothing."""
+    """The dense layer's backward where kernels/autograd.cpp's node runs with grad mode on or tangents
+    (create_graph=True, torch.func, forward over reverse) or gets a gradient sent into z: _dense_grads,
+    or the fused dense_backward where no derivative of it follows (_needs_graph). (0) where mask says
+    no. ``saved`` is unread (or none) where act saves nothing."""
     act = resolve_by_values(activation, tuple(params))
     saved = saved if act.saves != "nothing" else None
+    if grad_preact is None and not _needs_graph(grad_y, x, weight, saved):
+        return _fused(ops.dense_backward, grad_y, x, weight, grad_y.new_empty(0) if saved is None else saved,
+                      activation, params, mask)
     return _placeholders(_dense_grads(grad_y, x, weight, saved, act, mask, grad_preact),
                          grad_y if grad_y is not None else grad_preact)
+
+
+def _dense_jvp_op(x, weight, bias, x_t, weight_t, bias_t, y, preact, activation, params):
+    """The tangents of dense_forward's (y, preact) from the primals and the inputs' tangents (some
+    defined): the tangent of z, and act'(z) times it. z is recomputed where it was not kept."""
+    act = resolve_by_values(activation, tuple(params))
+    preact_t = _linear_tangent(x, weight, x_t, weight_t, bias_t)
+    if act.saves == "input" and preact.numel() == 0 and preact_t.numel() > 0:
+        preact = F.linear(x, weight, bias)
+    return _tangent_derivative(preact_t, _saved_of(act, preact, y), act), preact_t
+
+
+def _mlp_jvp_op(x, weights, biases, x_t, weights_t, biases_t, activation, params, output_activation, output_params):
+    """The tangents of mlp_forward's y and kept tensors (z or y per layer, as kept; (0) for a last layer
+    keeping nothing), from the primals and the inputs' tangents (some defined), through the layers rebuilt."""
+    hidden, output = (resolve_by_values(activation, tuple(params)),
+                      resolve_by_values(output_activation, tuple(output_params)))
+    n = len(weights)
+    h, h_t, kept_t = x, x_t, []
+    for i, (weight, bias) in enumerate(zip(weights, _layer_biases(biases))):
+        act = output if i == n - 1 else hidden
+        z = F.linear(h, weight, bias)
+        z_t = _linear_tangent(h, weight, h_t, weights_t[i], biases_t[i] if bias is not None else None)
+        h = _activation_forward(z, act)
+        h_t = None if z_t is None else _tangent_derivative(z_t, _saved_of(act, z, h), act)
+        kept_t.append(z_t if act.saves == "input" else h_t if i < n - 1 else None)
+    return (h_t if h_t is not None else torch.zeros_like(h)), [x.new_empty(0) if t is None else t for t in kept_t]
+
+
+def _under_transforms() -> bool:
+    """Under torch.func, where a tangent op runs below the transforms' front: its pieces are the
+    ops themselves, called below autograd (torch.func takes Functions only at its front). Nothing
+    differentiates such a tangent further (_composes_native routes the cases that would to native ops)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _activation_forward(z, act: Act):
+    if _under_transforms():
+        with torch._C._AutoDispatchBelowAutograd():
+            return ops.activation_forward(z, act.name, act.params)
+    return ops.activation_forward(z, act.name, act.params)
+
+
+def _tangent_derivative(z_t, saved, act: Act):
+    """z_t * act'(.), for a tangent (_under_transforms)."""
+    if saved is None or not _under_transforms():
+        return _derivative(z_t, saved, act)
+    with torch._C._AutoDispatchBelowAutograd():
+        return ops.activation_backward(z_t, saved, act.name, act.params)
 
 
 def _mlp_grads_op(grad_y, grad_kept, x, y, weights, saved, activation, params, output_activation, output_params,
@@ -871,10 +759,23 @@ def _mlp_grads_op(grad_y, grad_kept, x, y, weights, saved, activation, params, o
     acts = [resolve_by_values(activation, tuple(params))] * (n - 1) + [
         resolve_by_values(output_activation, tuple(output_params))]
     grad_kept = [None if g.shape == (0,) else g for g in grad_kept] or [None] * n
+    if (all(g is None for g in grad_kept) and not torch._C._functorch.is_legacy_batchedtensor(grad_y)
+            and not _needs_graph(grad_y, x, y, *weights, *saved)):
+        grad_x, grad_w, grad_b = _fused(ops.mlp_backward, grad_y, x, y, weights, saved, activation, params,
+                                        output_activation, output_params, mask)
+        return [grad_x, *grad_w, *grad_b]
     like = next(g for g in (grad_y, *grad_kept) if g is not None)
     return list(_placeholders(_mlp_grads(grad_y, grad_kept, x, y, list(weights), list(saved), acts, list(mask)), like))
 
 
+# Also at torch.func's front (the first key its transforms dispatch), where kernels/autograd.cpp's
+# node calls it from the engine: there it runs as code the user calls, and its pieces are Functions,
+# which torch.func takes only there (a composite op's kernel runs below the front).
+for _name, _fn in (("dense_grads", _dense_grads_op), ("mlp_grads", _mlp_grads_op)):
+    _library.impl(_name, _fn, "FuncTorchDynamicLayerFrontMode")
+for _name, _fn in (("dense_jvp", _dense_jvp_op), ("mlp_jvp", _mlp_jvp_op)):
+    for _key in ("CompositeImplicitAutograd", "FuncTorchBatchedDecomposition", "Batched"):  # under either vmap
+        _library.impl(_name, _fn, _key)
 for _name, _fn in (("dense_grads", _dense_grads_op), ("mlp_grads", _mlp_grads_op)):
     # Batched too: gradcheck's legacy vmap has no fallback for an op that returns a list
     for _key in ("CompositeImplicitAutograd", "Batched"):
@@ -895,13 +796,6 @@ def _through_ops() -> bool:
     """Under torch.compile (which cannot trace a Function with a jvp) and torch.jit.trace (which
     cannot save a Python Function), call the ops, differentiable through their registered autograd."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-def _plain_eager() -> bool:
-    """Neither torch.func, forward-mode AD, torch.compile nor tracing: the ops whose autograd is
-    in C++ (``bpext::dense``, ``bpext::mlp``: kernels/autograd.cpp) serve, with no Python between
-    a layer's ops."""
-    return not (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0 or _through_ops())
 
 
 def _composes_native(*tensors) -> bool:
@@ -980,12 +874,7 @@ def dense(
     x, weight, bias = _autocast(x, weight, bias)
     if _composes_native(x, weight, bias):
         return act.reference(F.linear(x, weight, bias))
-    if _plain_eager():
-        return ops.dense(x, weight, bias, act.name, act.params)
-    return_preact = act.saves == "input" and _builds_graph(x, weight, bias)
-    if _through_ops():
-        return ops.dense_forward(x, weight, bias, act.name, act.params, return_preact)[0]
-    return _apply(DenseFunction, x, weight, bias, act, return_preact)[0]
+    return ops.dense(x, weight, bias, act.name, act.params)
 
 
 def mlp(
@@ -1018,14 +907,7 @@ def mlp(
         for i, (weight, bias) in enumerate(zip(tensors[:n], tensors[n:])):
             x = dense(x, weight, bias, output if i == n - 1 else hidden)
         return x
-    if _plain_eager():
-        return ops.mlp(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
-                       output.params)
-    save = _builds_graph(x, *tensors)
-    if _through_ops():
-        return ops.mlp_forward(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name,
-                               output.params, save)[0]
-    return _apply(MLPFunction, x, hidden, output, save, *tensors)[0]
+    return ops.mlp(x, tensors[:n], _op_biases(tensors[n:], x), hidden.name, hidden.params, output.name, output.params)
 
 
 def gated(

@@ -539,21 +539,19 @@ def test_gradient_at_nan_is_nan_whatever_the_length(name, params):
 # ---- the ops with their autograd in C++ under forward-mode AD -----------------------------------
 
 
-def test_the_cpp_autograd_ops_refuse_a_tangent_they_would_drop():
-    """bpext::dense and bpext::mlp (a C++ Function, no jvp) raise for dual tensors; the functional
-    layers carry the tangent."""
+def test_the_ops_carry_tangents():
+    """bpext::dense's and bpext::mlp's autograd (kernels/autograd.cpp) carries forward-mode tangents, of
+    the inputs and of the weights, as the functional layers do."""
     import torch.autograd.forward_ad as fwAD
     x, w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    t = torch.randn_like(x)
+    t, w_t = torch.randn_like(x), torch.randn_like(w)
+    _, expected = torch.func.jvp(lambda x, w: torch.tanh(F.linear(x, w, b)), (x, w), (t, w_t))
     with fwAD.dual_level():
-        dual = fwAD.make_dual(x, t)
-        with pytest.raises(RuntimeError, match="bpext.dense has no forward-mode derivative"):
-            torch.ops.bpext.dense(dual, w, b, "tanh", [])
-        with pytest.raises(RuntimeError, match="bpext.mlp has no forward-mode derivative"):
-            torch.ops.bpext.mlp(x, [fwAD.make_dual(w, torch.ones_like(w))], [b], "tanh", [], "identity", [])
-        tangent = fwAD.unpack_dual(B.dense(dual, w, b, "tanh")).tangent
-    _, expected = torch.func.jvp(lambda x: torch.tanh(F.linear(x, w, b)), (x,), (t,))
-    torch.testing.assert_close(tangent, expected)
+        dual, dual_w = fwAD.make_dual(x, t), fwAD.make_dual(w, w_t)
+        for y in (torch.ops.bpext.dense(dual, dual_w, b, "tanh", []),
+                  torch.ops.bpext.mlp(dual, [dual_w], [b], "tanh", [], "tanh", []),
+                  B.dense(dual, dual_w, b, "tanh"), B.mlp(dual, [dual_w], [b], "identity", "tanh")):
+            torch.testing.assert_close(fwAD.unpack_dual(y).tangent, expected)
 
 
 # ---- forward mode inside another derivative ------------------------------------------------------

@@ -325,42 +325,42 @@ def test_transposed_weight_view(device):
         torch.testing.assert_close(g, g_ref)
 
 
-def _python_function_dense(x, w, b, name, **params):
-    """The layer through DenseFunction (the path torch.func and forward-mode AD take), in plain eager mode."""
-    act = resolve(name, **params)
-    return_preact = act.saves == "input" and torch.is_grad_enabled()
-    return bpext.functional._apply(bpext.functional.DenseFunction, x, w, b, act, return_preact)[0]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", bpext.ACTIVATIONS)
 @pytest.mark.parametrize("needs", ["all", "x", "weight", "bias"])
-def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, name, needs):
-    """Plain eager mode runs bpext::dense (autograd in C++, kernels/autograd.cpp): bitwise the outputs,
-    gradients and saved tensors of DenseFunction, which torch.func and forward-mode AD apply."""
+def test_one_autograd_saves_what_backward_reads(device, name, needs):
+    """The layer's one autograd (DenseBackward, kernels/autograd.cpp) keeps x only where the weight
+    needs a gradient, the weight only where x does, the tensor its activation's derivative reads (y, or
+    z), never the bias; its output and gradients are native's."""
     params = NON_DEFAULT_PARAMS.get(name, {})
     grad = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(2)).to(device)
     records = []
-    for layer in (bpext.functional.dense, _python_function_dense):
+    for layer in (bpext.functional.dense, native_dense):
         x, w, b = make((2, 3, 5), 7, torch.float32, device, seed=1)
         for t, which in ((x, "x"), (w, "weight"), (b, "bias")):
             t.requires_grad_(needs in ("all", which))
         records.append(record_step(lambda *t: layer(*t, name, **params), (x, w, b), grad))
-    assert_same_step(*records, "DenseAutograd", "DenseFunction")
+    (node, y, grads, saved), (_, y_native, grads_native, _) = records
+    assert node == "DenseBackward"
+    expected = [(2, 3, 5)] * (needs in ("all", "weight")) + [(7, 5)] * (needs in ("all", "x")) + [
+        (2, 3, 7)] * (resolve(name).saves != "nothing")
+    assert saved == sorted(expected)
+    torch.testing.assert_close(y, y_native)
+    for g, g_native in zip(grads, grads_native):
+        torch.testing.assert_close(g, g_native)
 
 
-def test_transforms_and_forward_ad_take_the_python_function():
-    """torch.func refuses C++ autograd Functions and a C++ Function has no forward-mode AD: there
-    functional.dense applies DenseFunction, with the same derivatives as native."""
+def test_the_op_itself_serves_torch_func_and_forward_ad():
+    """bpext::dense's autograd is the op's own: torch.func and forward-mode AD differentiate the op called
+    directly, with native's derivatives, through the same node as plain eager mode."""
     x, w, b = make((3, 4), 2, torch.float64, "cpu")
-    with pytest.raises(RuntimeError, match=r"C\+\+ torch::autograd::Function with functorch"):
-        torch.func.grad(lambda t: torch.ops.bpext.dense(t, w, b, "tanh", []).sum())(x)
-    grads = [torch.func.grad(lambda t: layer(t, w, b, "tanh").sum())(x)
-             for layer in (bpext.functional.dense, native_dense)]
-    torch.testing.assert_close(grads[0], grads[1])
-    with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        y, y_native = bpext.functional.dense(dual, w, b, "tanh"), native_dense(dual, w, b, "tanh")
-        assert "DenseFunction" in y.grad_fn.name()
-        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent,
-                                   torch.autograd.forward_ad.unpack_dual(y_native).tangent)
+    op = lambda t, w, b, name: torch.ops.bpext.dense(t, w, b, name, [])  # noqa: E731
+    for name in ("tanh", "gelu", "identity"):
+        grads = [torch.func.grad(lambda t: layer(t, w, b, name).sum())(x) for layer in (op, native_dense)]
+        torch.testing.assert_close(grads[0], grads[1])
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(x.clone().requires_grad_(), torch.ones_like(x))
+            y, y_native = op(dual, w, b, name), native_dense(dual, w, b, name)
+            assert y.grad_fn.name() == "DenseBackward"
+            torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(y).tangent,
+                                       torch.autograd.forward_ad.unpack_dual(y_native).tangent)

@@ -180,11 +180,10 @@ def test_cpu_results_do_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-def _python_function_mlp(x, weights, biases, hidden, output):
-    """The MLP through MLPFunction (the path torch.func and forward-mode AD take), in plain eager mode."""
-    F = bpext.functional
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights, *biases))
-    return F._apply(F.MLPFunction, x, resolve(hidden), resolve(output), save, *weights, *biases)[0]
+def _native_mlp(x, weights, biases, hidden, output):
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        x = resolve(output if i == len(weights) - 1 else hidden).reference(torch.nn.functional.linear(x, w, b))
+    return x
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -192,14 +191,16 @@ def _python_function_mlp(x, weights, biases, hidden, output):
                                            ("leaky_relu", "relu"), ("identity", "identity")])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("needs", ["all", "x", "weights"])
-def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, hidden, output, bias, needs):
-    """Plain eager mode runs bpext::mlp (autograd in C++, kernels/autograd.cpp): bitwise the outputs,
-    gradients and saved tensors of MLPFunction, which torch.func and forward-mode AD apply."""
+def test_one_autograd_saves_what_backward_reads(device, hidden, output, bias, needs):
+    """The MLP's one autograd (MLPBackward, kernels/autograd.cpp) keeps one tensor per hidden layer, x
+    only where the first weight needs a gradient, a weight only where something below its layer does,
+    the output where the last activation's derivative reads it, never a bias; its output and
+    gradients are native's."""
     widths = [5, 8, 6, 3]
     grad = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(2)).to(device)
     records = []
-    for layer in (lambda x, w, b: bpext.functional.mlp(x, w, b, hidden, output), lambda x, w, b:
-                  _python_function_mlp(x, w, b, hidden, output)):
+    for layer in (lambda x, w, b: bpext.functional.mlp(x, w, b, hidden, output),
+                  lambda x, w, b: _native_mlp(x, w, b, hidden, output)):
         g = torch.Generator().manual_seed(1)
         x = torch.randn(2, 4, 5, generator=g).to(device).requires_grad_(needs in ("all", "x"))
         weights = [torch.randn(b_, a, generator=g).to(device).requires_grad_(needs in ("all", "weights"))
@@ -207,15 +208,21 @@ def test_eager_path_is_the_cpp_autograd_and_equals_the_python_function(device, h
         biases = [torch.randn(b_, generator=g).to(device).requires_grad_(needs == "all") if bias else None
                   for b_ in widths[1:]]
         records.append(record_step(layer, (x, weights, biases), grad))
-    assert_same_step(*records, "MLPAutograd", "MLPFunction")
+    (node, y, grads, saved), (_, y_native, grads_native, _) = records
+    assert node == "MLPBackward"
+    expected = ([(2, 4, 5)] * (needs in ("all", "weights")) + [(8, 5)] * (needs in ("all", "x")) + [(6, 8), (3, 6)]
+                + [(2, 4, 8), (2, 4, 6)] + [(2, 4, 3)] * (resolve(output).saves != "nothing"))
+    assert saved == sorted(expected)
+    torch.testing.assert_close(y, y_native)
+    for a, b in zip(grads, grads_native):
+        torch.testing.assert_close(a, b)
 
 
-def test_eager_mlp_op_refuses_torch_func_which_takes_the_python_function():
+def test_the_mlp_op_itself_serves_torch_func():
+    """bpext::mlp's autograd is the op's own: torch.func differentiates the op called directly."""
     x, w = torch.randn(3, 4, dtype=torch.float64), [torch.randn(2, 4, dtype=torch.float64)]
-    with pytest.raises(RuntimeError, match=r"C\+\+ torch::autograd::Function with functorch"):
-        torch.func.grad(lambda t: torch.ops.bpext.mlp(t, w, [torch.randn(2, dtype=torch.float64)], "tanh", [],
-                                                      "identity", []).sum())(x)
+    b = [torch.randn(2, dtype=torch.float64)]
     grads = [torch.func.grad(lambda t: fn(t).sum())(x) for fn in (
-        lambda t: bpext.functional.mlp(t, w, activation="tanh", output_activation="tanh"),
-        lambda t: torch.tanh(torch.nn.functional.linear(t, w[0])))]
+        lambda t: torch.ops.bpext.mlp(t, w, b, "tanh", [], "tanh", []),
+        lambda t: torch.tanh(torch.nn.functional.linear(t, w[0], b[0])))]
     torch.testing.assert_close(grads[0], grads[1])
