@@ -1,17 +1,17 @@
 """Autograd functions and the functional API.
 
-Each Function's forward is one bpext op, and the same ``setup_context`` and ``backward`` are
-registered on that op (``torch.library.register_autograd``), so eager code, torch.func,
-torch.compile, torch.export and exported programs all differentiate through one definition.
-``backward`` calls the fused backward op; under ``create_graph=True`` (double backward) it
-composes differentiable pieces instead, so second derivatives are exact, and a third raises.
-``jvp`` (forward-mode AD) takes the derivative from ``activation_backward``, whose functor is
-the activation's one definition of act'. vmap batches the ops themselves (_ops.py).
+The activations' and the gated layers' Functions: each one's forward is one bpext op, and the same
+``setup_context`` and ``backward`` are registered on that op (``torch.library.register_autograd``),
+so eager code, torch.func, torch.compile, torch.export and exported programs all differentiate
+through one definition. ``backward`` calls the fused backward op; under ``create_graph=True``
+(double backward) it composes differentiable pieces instead, so second derivatives are exact, and a
+third raises. ``jvp`` (forward-mode AD) takes the derivative from ``activation_backward``, whose
+functor is the activation's one definition of act'. vmap batches the ops themselves (_ops.py).
 
-In plain eager mode the dense layer and the MLP skip their Python Functions: ``bpext::dense``
-and ``bpext::mlp`` tie each one's forward and backward ops with a C++ autograd Function
-(kernels/autograd.cpp), so a training step runs no Python between a layer's ops; their double
-backward calls the differentiable forms defined here (``bpext::dense_grads``, ``bpext::mlp_grads``).
+The dense layer's and the MLP's autograd is the C++ Autograd kernel of their forward ops
+(kernels/autograd.cpp), on every path; what it needs of Python is defined here: the backward as
+differentiable pieces (``bpext::dense_grads``, ``bpext::mlp_grads``) and the tangents
+(``bpext::dense_jvp``, ``bpext::mlp_jvp``).
 
 A Function takes its activation as one ``ResolvedActivation`` (a pytree leaf, as torch.func
 needs); the ops take it as its name and parameter values.
@@ -313,17 +313,6 @@ def _activation_tangent(z, z_t, act: Act):
     return y, None if z_t is None else _derivative(z_t, _saved_of(act, z, y), act)
 
 
-def _mlp_reads(needs, n: int) -> list[bool]:
-    """Whether an MLP's backward reads weights[l] (it computes the gradient of layer l's input):
-    where something below layer l needs a gradient. ``needs``: x, the weights, the biases. The
-    kernels' MLPGrads::input."""
-    reads, wanted = [], needs[0]
-    for layer in range(n):
-        reads.append(wanted)
-        wanted = wanted or needs[1 + layer] or needs[1 + n + layer]
-    return reads
-
-
 def _layer_input(kept, act: Act):
     """A hidden layer's output from what it kept: its y, or act(z)."""
     return _apply(ActivationFunction, kept, act) if act.saves == "input" else kept
@@ -337,7 +326,7 @@ def _mlp_grads(grad_y, grad_kept, x, y, weights, kept, acts, mask):
     activation's derivative reads z, else its y; the last layer keeps nothing else (its derivative
     reads the output y, or nothing)."""
     n = len(weights)
-    reads = _mlp_reads(mask, n)
+    reads = [w.dim() == 2 for w in weights]  # (0) where not read: the kernels' MLPGrads says where
     grads = [None] * (1 + 2 * n)
     g = grad_y
     for layer in reversed(range(n)):
@@ -670,9 +659,10 @@ for _op, _function, _at in (("activation_forward", ActivationFunction, 1),
     _register(_op, _function, _at)
 
 
-# ---- the differentiable forms, for the double backward of the C++ Functions ------------------------
-# kernels/autograd.cpp's Functions (bpext::dense, bpext::mlp) call these when a graph is being built,
-# so that each layer's backward has one differentiable definition, this one.
+# ---- what the dense layer's and the MLP's C++ autograd needs of Python -------------------------------
+# kernels/autograd.cpp's Nodes call these where a derivative of the backward may follow (grad mode on,
+# torch.func, tangents) and for forward-mode tangents: each layer's backward as pieces and its jvp,
+# defined once, here.
 
 _library = torch.library.Library("bpext", "FRAGMENT")
 _library.define("dense_grads(Tensor? grad_y, Tensor? grad_preact, Tensor? x, Tensor? weight, Tensor? saved, "
@@ -774,7 +764,7 @@ def _mlp_grads_op(grad_y, grad_kept, x, y, weights, saved, activation, params, o
 for _name, _fn in (("dense_grads", _dense_grads_op), ("mlp_grads", _mlp_grads_op)):
     _library.impl(_name, _fn, "FuncTorchDynamicLayerFrontMode")
 for _name, _fn in (("dense_jvp", _dense_jvp_op), ("mlp_jvp", _mlp_jvp_op)):
-    for _key in ("CompositeImplicitAutograd", "FuncTorchBatchedDecomposition", "Batched"):  # under either vmap
+    for _key in ("CompositeImplicitAutograd", "Batched"):  # Batched: gradcheck's legacy vmap
         _library.impl(_name, _fn, _key)
 for _name, _fn in (("dense_grads", _dense_grads_op), ("mlp_grads", _mlp_grads_op)):
     # Batched too: gradcheck's legacy vmap has no fallback for an op that returns a list
