@@ -695,7 +695,7 @@ def _dense_jvp_op(x, weight, bias, x_t, weight_t, bias_t, y, preact, activation,
     defined): the tangent of z, and act'(z) times it. z is recomputed where it was not kept."""
     act = resolve_by_values(activation, tuple(params))
     preact_t = _linear_tangent(x, weight, x_t, weight_t, bias_t)
-    if act.saves == "input" and preact.numel() == 0 and preact_t.numel() > 0:
+    if act.saves == "input" and preact.shape != preact_t.shape:  # (0): z was not kept
         preact = F.linear(x, weight, bias)
     return _tangent_derivative(preact_t, _saved_of(act, preact, y), act), preact_t
 

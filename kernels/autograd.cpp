@@ -192,25 +192,29 @@ std::tuple<at::Tensor, at::Tensor> dense_forward_autograd(c10::DispatchKeySet ke
     return dense_forward_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, x, weight, bias, activation, params,
                                          return_preact);
   }();
+  c10::intrusive_ptr<DenseBackward> node;
+  if (torch::autograd::compute_requires_grad(x, weight, bias_)) {
+    node = c10::make_intrusive<DenseBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias_));
+    node->x = SavedVariable(weight.requires_grad() ? x : at::Tensor(), false);
+    node->weight = SavedVariable(x.requires_grad() ? weight : at::Tensor(), false);
+    node->act = {std::string(activation), params.vec()};
+    node->has_bias = bias_.defined();
+    node->preact_differentiable = return_preact && preact.sym_numel() != 0;
+    torch::autograd::set_history(y, node);
+    if (node->preact_differentiable) torch::autograd::set_history(preact, node);
+  }
   if (torch::autograd::isFwGradDefined(x) || torch::autograd::isFwGradDefined(weight) ||
       torch::autograd::isFwGradDefined(bias_)) {  // forward-mode AD: the tangents, from the primals
+    // (after the history, so that a derivative of the tangent reaches the inputs through y or z)
     auto [y_t, preact_t] = dense_jvp_op().call(
         x._fw_primal(0), weight._fw_primal(0), primal_of(bias), tangent_of(x), tangent_of(weight), tangent_of(bias),
         y, preact, activation, params);
     y._set_fw_grad(y_t, /*level=*/0, /*is_inplace_op=*/false);
     if (return_preact) preact._set_fw_grad(preact_t, /*level=*/0, /*is_inplace_op=*/false);
   }
-  if (torch::autograd::compute_requires_grad(x, weight, bias_)) {
-    const auto node = c10::make_intrusive<DenseBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, weight, bias_));
-    node->x = SavedVariable(weight.requires_grad() ? x : at::Tensor(), false);
-    node->weight = SavedVariable(x.requires_grad() ? weight : at::Tensor(), false);
-    node->act = {std::string(activation), params.vec()};
-    node->has_bias = bias_.defined();
+  if (node) {  // the outputs saved last, with their tangents (forward over reverse reads them)
     const Saves saves = node->act.saves();
-    node->preact_differentiable = return_preact && preact.sym_numel() != 0;
-    torch::autograd::set_history(y, node);
-    if (node->preact_differentiable) torch::autograd::set_history(preact, node);
     node->saved = saves == Saves::kOutput  ? SavedVariable(y, true)
                   : saves == Saves::kInput ? SavedVariable(preact, node->preact_differentiable)
                                            : SavedVariable();
@@ -261,6 +265,7 @@ struct MLPBackward : torch::autograd::TraceableFunction {
   std::vector<SavedVariable> weights, kept;
   SavedActivation hidden, output;
   std::vector<bool> has_bias;
+  std::vector<size_t> kept_output;  // each kept tensor's output number, 0 where it is not differentiable
   bool x_is_empty_vector = false;  // its gradient is (0) too
 
   std::string name() const override { return "MLPBackward"; }
@@ -280,8 +285,10 @@ struct MLPBackward : torch::autograd::TraceableFunction {
     const size_t n = has_bias.size();
     variable_list out(1 + 2 * n);  // x, the weights, the biases
     const at::Tensor& grad_y = grads[0];
-    std::vector<at::Tensor> grad_kept(n);
-    std::copy(grads.begin() + 1, grads.end(), grad_kept.begin());  // those of the differentiable kept tensors
+    std::vector<at::Tensor> grad_kept(n);  // each differentiable kept tensor's gradient
+    for (size_t l = 0; l < n; ++l) {
+      if (kept_output[l] > 0) grad_kept[l] = grads[kept_output[l]];
+    }
     const bool into_kept = std::any_of(grad_kept.begin(), grad_kept.end(), [](const at::Tensor& g) { return g.defined(); });
     if (!grad_y.defined() && !into_kept) return out;
     const c10::intrusive_ptr<Node> self = getptr();
@@ -351,6 +358,25 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_autograd(
     return mlp_forward_op().redispatch(keys & c10::after_ADInplaceOrView_keyset, x, weights, biases, activation,
                                        params, output_activation, output_params, save);
   }();
+  c10::intrusive_ptr<MLPBackward> node;
+  if (torch::autograd::compute_requires_grad(inputs)) {
+    node = c10::make_intrusive<MLPBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+    std::vector<bool> tracked;
+    for (const at::Tensor& t : inputs) tracked.push_back(t.defined() && t.requires_grad());
+    const MLPGrads reads(tracked, n);
+    node->x = SavedVariable(reads.weight[0] ? x : at::Tensor(), false);
+    for (size_t l = 0; l < n; ++l) node->weights.emplace_back(reads.input[l] ? weights[l] : at::Tensor(), false);
+    for (size_t l = 0; l < n; ++l) node->has_bias.push_back(is_bias(biases[l]));
+    node->hidden = {std::string(activation), params.vec()};
+    node->output = {std::string(output_activation), output_params.vec()};
+    node->x_is_empty_vector = x.dim() == 1 && x.sym_numel() == 0;
+    torch::autograd::set_history(y, node);
+    for (const at::Tensor& k : kept) {  // differentiable unless (0), nothing kept, or without rows
+      node->kept_output.push_back(k.sym_numel() != 0 ? node->num_inputs() : 0);
+      if (k.sym_numel() != 0) torch::autograd::set_history(k, node);
+    }
+  }
   if (std::any_of(inputs.begin(), inputs.end(), [](const at::Tensor& t) { return t.defined() && torch::autograd::isFwGradDefined(t); })) {
     // forward-mode AD: the tangents of y and of the kept tensors, from the primals
     auto [y_t, kept_t] = mlp_jvp_op().call(x._fw_primal(0), primals_of(weights), primals_of(biases), tangent_of(x),
@@ -363,22 +389,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> mlp_forward_autograd(
       }
     }
   }
-  if (torch::autograd::compute_requires_grad(inputs)) {
-    const auto node = c10::make_intrusive<MLPBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(inputs));
-    std::vector<bool> tracked;
-    for (const at::Tensor& t : inputs) tracked.push_back(t.defined() && t.requires_grad());
-    const MLPGrads reads(tracked, n);
-    node->x = SavedVariable(reads.weight[0] ? x : at::Tensor(), false);
-    for (size_t l = 0; l < n; ++l) node->weights.emplace_back(reads.input[l] ? weights[l] : at::Tensor(), false);
-    for (size_t l = 0; l < n; ++l) node->has_bias.push_back(is_bias(biases[l]));
-    node->hidden = {std::string(activation), params.vec()};
-    node->output = {std::string(output_activation), output_params.vec()};
-    node->x_is_empty_vector = x.dim() == 1 && x.sym_numel() == 0;
-    torch::autograd::set_history(y, node);
-    for (const at::Tensor& k : kept) {
-      if (k.sym_numel() != 0) torch::autograd::set_history(k, node);  // (0): nothing kept; or no rows
-    }
+  if (node) {  // the outputs saved last, with their tangents (forward over reverse reads them)
     node->y = SavedVariable(find_activation(output_activation)->saves == Saves::kOutput ? y : at::Tensor(), true);
     for (const at::Tensor& k : kept) {  // (0): nothing kept, saved as nothing
       const bool placeholder = k.dim() == 1 && k.sym_numel() == 0;

@@ -608,3 +608,69 @@ def test_a_backward_op_differentiated_twice_raises_for_a_third_derivative():
     second = [torch.autograd.grad(torch.autograd.grad(f().square().sum(), [gy], create_graph=True)[0].sum(), [w])
               for f in (ours, native)]
     torch.testing.assert_close(*second)
+
+
+# ---- found by a review of the one autograd (kernels/autograd.cpp) ----------------------------------
+
+
+@pytest.mark.parametrize("act", ["tanh", "gelu", "relu"])
+@pytest.mark.parametrize("layer", ["dense", "mlp"])
+@pytest.mark.parametrize("dual", ["x", "bias"])
+def test_reverse_over_forward_equals_native(act, layer, dual):
+    """The gradient of a tangent: its dependence on the primals through act' reaches them (it was lost
+    while the tangent was computed before the node's history was set)."""
+    import torch.autograd.forward_ad as fwAD
+    g = torch.Generator().manual_seed(0)
+    x0, w0, b0 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 3), (3, 3), (3,)))
+    ref = bpext.activations.resolve(act).reference
+    layers = {"dense": (lambda x, w, b: B.dense(x, w, b, act), lambda x, w, b: ref(F.linear(x, w, b))),
+              "mlp": (lambda x, w, b: B.mlp(x, [w, w], [b, b], act, act),
+                      lambda x, w, b: ref(F.linear(ref(F.linear(x, w, b)), w, b)))}
+    results = []
+    for f in layers[layer]:
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        with fwAD.dual_level():
+            args = [fwAD.make_dual(x, torch.ones_like(x)) if dual == "x" else x, w,
+                    fwAD.make_dual(b, torch.ones_like(b)) if dual == "bias" else b]
+            tangent = fwAD.unpack_dual(f(*args)).tangent
+        results.append(torch.autograd.grad(tangent.square().sum(), (x, w, b), allow_unused=True,
+                                           materialize_grads=True))
+    for ours, native in zip(*results):
+        torch.testing.assert_close(ours, native)
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((0, 3), (3, 3)), ((4, 3), (0, 3)), ((2, 0, 3), (3, 3))])
+def test_forward_ad_of_an_empty_output(x_shape, w_shape):
+    """A dense layer whose derivative reads z, with no output elements: an empty tangent of native's shape."""
+    import torch.autograd.forward_ad as fwAD
+    x, w = torch.randn(*x_shape, dtype=torch.float64), torch.randn(*w_shape, dtype=torch.float64)
+    b = torch.randn(w_shape[0], dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        tangents = [fwAD.unpack_dual(f(dual)).tangent for f in (lambda t: B.dense(t, w, b, "gelu"),
+                                                               lambda t: F.gelu(F.linear(t, w, b)))]
+    assert tangents[0].shape == tangents[1].shape
+
+
+def test_double_backward_of_an_mlp_with_a_layer_of_no_width():
+    """A hidden layer of width 0 keeps nothing differentiable: the gradients double backward sends into
+    the later layers' kept tensors reach them (they landed one place off: a shape error or 4.5 off)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    tensors = [torch.randn(*s, generator=g, dtype=torch.float64) for s in ((0, 3), (2, 0), (2,), (2, 2), (2,))]
+
+    def native(x, weights, biases):
+        for w, b in zip(weights, biases):
+            x = torch.tanh(F.linear(x, w, b))
+        return x
+
+    for wanted in ((True,) * 5, (False, False, True, True, False)):
+        results = []
+        for f in (lambda x, ws, bs: B.mlp(x, ws, bs, "tanh", "tanh"), native):
+            w0, w1, b1, w2, b2 = ts = [t.clone().requires_grad_(m) for t, m in zip(tensors, wanted)]
+            tracked = [t for t in ts if t.requires_grad]
+            first = torch.autograd.grad(f(x, [w0, w1, w2], [None, b1, b2]).square().sum(), tracked, create_graph=True)
+            results.append(torch.autograd.grad(sum(q.square().sum() for q in first), tracked, allow_unused=True,
+                                               materialize_grads=True))
+        for ours, native_ in zip(*results):
+            torch.testing.assert_close(ours, native_)
